@@ -1,0 +1,190 @@
+"""Typed configs: dataclasses filled from YAML, then from `--key value` command-line flags.
+
+One source of truth per option: the dataclass field gives its type, default and help, and
+from it come the YAML key (`learning_rate`), the flag (`--learning-rate`) and the `--help`
+line. Unknown keys, wrong types and values out of range are refused with a message that
+names the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefalign.errors import ConfigError
+
+
+def option(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
+    """A config field with its help text (and allowed values), shown by `--help`."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta,
+                                 **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _parse_mapping(text: str) -> dict[str, float]:
+    """'helpful=0.1,safe=0.5' -> {'helpful': 0.1, 'safe': 0.5}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value pairs, got {item!r}")
+        out[key.strip()] = float(value)
+    return out
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be empty")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError("expected true or false")
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError("expected a string")
+            return str(value)
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError("expected a list")
+            (item_tp,) = typing.get_args(base)
+            return [coerce(key, v.strip() if isinstance(v, str) else v, item_tp) for v in items if v != ""]
+        if origin is dict:
+            mapping = _parse_mapping(value) if isinstance(value, str) else value
+            if not isinstance(mapping, dict):
+                raise ValueError("expected a mapping like a=0.1,b=0.5")
+            return {str(k): float(v) for k, v in mapping.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key '{key}': {exc} (got {value!r})") from None
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _unwrap_optional(tp)
+    name = getattr(base, "__name__", str(base)).replace("typing.", "")
+    if typing.get_origin(base) is dict:
+        name = "KEY=NUM,..."
+    elif typing.get_origin(base) is list:
+        name = "A,B,..."
+    return name + (" or none" if optional else "")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--kebab-case` flag per dataclass field; defaults come from the dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("help") is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        help_text = f"{f.metadata['help']} (default: {default!r}"
+        help_text += f"; one of: {', '.join(map(str, choices))})" if choices else ")"
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _unwrap_optional(hints[f.name])
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                                metavar=_type_name(hints[f.name]).upper(), help=help_text)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def build_config(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Instantiate `cls` from a flat mapping; unknown keys and bad types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        import difflib
+
+        hints_text = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints_text.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key {', '.join(hints_text)}; "
+                          f"run with --help to see the valid keys")
+    kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items()}
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in kwargs and kwargs[f.name] not in choices:
+            raise ConfigError(f"config key '{f.name}': {kwargs[f.name]!r} is not one of "
+                              f"{', '.join(map(str, choices))}")
+    config = cls(**kwargs)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """YAML from `--config` (if given), then every flag the user actually passed."""
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+    known = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    return build_config(cls, values, source=str(config_path) if config_path else "config")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Range checks in `validate()`: `require(beta > 0, 'beta', 'must be > 0')`."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
