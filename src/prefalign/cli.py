@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from prefalign import __version__
@@ -20,6 +21,39 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+# subcommand -> (module, config class, run function, one-line help)
+TRAINERS = {
+    "dpo": ("prefalign.algorithms.dpo", "DPOConfig", "run_dpo",
+            "preference optimisation: DPO and its variants (ipo, simpo, orpo, ...)"),
+}
+
+
+def _trainer_parser(sub, name: str) -> None:
+    from prefalign.config import add_config_arguments
+
+    module, config_name, _, help_text = TRAINERS[name]
+    config_cls = getattr(importlib.import_module(module), config_name)
+    parser = sub.add_parser(
+        name, help=help_text, description=f"{help_text}. Options come from --config YAML "
+        "(keys as below with underscores) and are overridden by flags.",
+    )
+    parser.add_argument("--config", help="YAML file of options (flags override it)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    add_config_arguments(parser, config_cls)
+    parser.set_defaults(func=_run_trainer, trainer=name)
+
+
+def _run_trainer(args: argparse.Namespace) -> int:
+    from prefalign.config import config_from_args
+
+    module, config_name, run_name, _ = TRAINERS[args.trainer]
+    module = importlib.import_module(module)
+    config = config_from_args(getattr(module, config_name), args)
+    getattr(module, run_name)(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -30,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in TRAINERS:
+        _trainer_parser(sub, name)
 
     data = sub.add_parser("data", help="inspect preference data")
+    data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="show the full traceback of an error")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     check = data_sub.add_parser(
         "check", help="validate a preference file and summarise it",

@@ -93,16 +93,6 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
 
 
-def _type_name(tp: Any) -> str:
-    base, optional = _unwrap_optional(tp)
-    name = getattr(base, "__name__", str(base)).replace("typing.", "")
-    if typing.get_origin(base) is dict:
-        name = "KEY=NUM,..."
-    elif typing.get_origin(base) is list:
-        name = "A,B,..."
-    return name + (" or none" if optional else "")
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--kebab-case` flag per dataclass field; defaults come from the dataclass."""
     hints = typing.get_type_hints(cls)
@@ -119,8 +109,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                                metavar=_type_name(hints[f.name]).upper(), help=help_text)
+            origin = typing.get_origin(base)
+            metavar = "K=V,..." if origin is dict else "A,B,..." if origin is list else None
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                                help=help_text)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

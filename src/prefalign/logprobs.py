@@ -169,3 +169,22 @@ def completion_logps(
         entropy=_scatter(ents, select, shape) if stats else None,
         hidden_states=hidden if return_hidden else None,
     )
+
+
+class LogpsModel(nn.Module):
+    """A causal LM whose forward returns `CompletionLogps`.
+
+    Trainers prepare this wrapper (DDP, FSDP) instead of the bare model, so the backbone
+    + chunked LM head path runs inside the wrapped module's forward, where data-parallel
+    engines expect every forward to happen.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                **kwargs) -> CompletionLogps:
+        kwargs.setdefault("chunk_size", self.chunk_size)
+        return completion_logps(self.model, input_ids, attention_mask, completion_mask, **kwargs)

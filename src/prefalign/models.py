@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefalign.errors import PrefalignError
 
@@ -27,3 +33,82 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
                                  "add a pad token to it before training")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from a model directory, a prefalign adapter directory or a cached hub id.
+
+    An adapter directory (PEFT format, e.g. the output of `prefalign sft` with LoRA) is
+    loaded onto its base model and merged, so the result is the fine-tuned model itself:
+    the starting point and the reference of the next stage.
+    """
+    from prefalign.lora import ADAPTER_CONFIG, load_adapter, unload_lora
+
+    local = Path(path)
+    if local.is_dir() and _is_adapter_dir(local):
+        base = json.loads((local / ADAPTER_CONFIG).read_text("utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise PrefalignError(f"{local / ADAPTER_CONFIG} names no base_model_name_or_path; "
+                                 "cannot tell which model the adapter belongs to")
+        model = load_causal_lm(base, trust_remote_code)
+        try:
+            load_adapter(model, local, trainable=False)
+        except (ValueError, FileNotFoundError) as exc:
+            raise PrefalignError(f"cannot load adapter {local}: {exc}") from None
+        model = unload_lora(model, merge=True)
+        model.name_or_path = str(local)
+        return model
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        hint = "" if local.exists() else " (no such directory; the hub is not reachable offline)"
+        raise PrefalignError(f"cannot load a causal LM from {path}{hint}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return model
+
+
+def prepare_for_training(model: PreTrainedModel, config) -> PreTrainedModel:
+    """Apply LoRA (lora_r > 0) or unfreeze everything, and gradient checkpointing if asked."""
+    from prefalign.lora import apply_lora
+
+    if config.lora_r > 0:
+        try:
+            apply_lora(model, config.lora_targets, r=config.lora_r, alpha=config.lora_alpha,
+                       dropout=config.lora_dropout)
+        except ValueError as exc:
+            raise PrefalignError(f"LoRA: {exc}") from None
+    else:
+        model.requires_grad_(True)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def save_policy(model: PreTrainedModel, tokenizer, directory: Path, merged_dir: Path | None = None,
+                base_name: str | None = None) -> Path:
+    """The final artifact: a PEFT-format adapter for LoRA runs, else an HF model directory.
+
+    merged_dir: also write the LoRA-merged model there as a plain HF model directory.
+    """
+    import copy
+
+    from prefalign.lora import has_lora, save_adapter, unload_lora
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if has_lora(model):
+        save_adapter(model, directory, base_model_name_or_path=base_name)
+        if merged_dir is not None:
+            merged = unload_lora(copy.deepcopy(model), merge=True)
+            merged.config.use_cache = True
+            merged.save_pretrained(merged_dir)
+            tokenizer.save_pretrained(merged_dir)
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,195 @@
+"""DPO and its variants: one concatenated chosen+rejected forward per step.
+
+The reference log-probs come from, in order of preference for memory:
+  (c) `precompute_ref`: computed once before training, cached on disk, no reference model
+      in memory while training;
+  (a) LoRA runs: the same weights with adapters disabled (no second copy);
+  (b) full fine-tuning: a frozen copy of the starting model (or `ref_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefalign.algorithms.reference import (
+    ReferenceScorer,
+    attach_reference_logps,
+    precompute_reference_logps,
+)
+from prefalign.algorithms.runner import (
+    finish_run,
+    load_frozen,
+    load_pairs,
+    model_reference,
+    start_run,
+)
+from prefalign.config import option, require
+from prefalign.data import collate_preferences
+from prefalign.logprobs import CompletionLogps, LogpsModel
+from prefalign.losses import (
+    PREFERENCE_LOSS_NAMES,
+    PREFERENCE_LOSSES,
+    LossParams,
+    PairLogps,
+    nll_loss,
+    preference_loss,
+)
+from prefalign.train.config import TrainConfig
+from prefalign.train.loop import Trainer, TrainResult
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    beta: float = option(0.1, "strength of the KL penalty toward the reference (ORPO: lambda)")
+    loss_type: str = option("sigmoid", "preference loss", choices=PREFERENCE_LOSS_NAMES)
+    label_smoothing: float = option(0.0, "assumed label-flip rate (cDPO, robust, simpo)")
+    simpo_gamma: float = option(0.5, "SimPO target reward margin gamma")
+    rpo_alpha: float | None = option(
+        None, "weight of an NLL term on chosen completions; none = 0 (1.0 for orpo)")
+    beta_per_source: dict[str, float] = option(
+        {}, "a beta per data `source`, e.g. helpful=0.1,safe=0.5 (others use beta)")
+    ref_model: str | None = option(None, "reference model dir; none = the starting model")
+    precompute_ref: bool = option(
+        False, "compute reference log-probs once before training and cache them on disk")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.beta > 0, "beta", "must be > 0")
+        require(all(b > 0 for b in self.beta_per_source.values()), "beta_per_source",
+                "values must be > 0")
+        require(0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]")
+        spec = PREFERENCE_LOSSES[self.loss_type]
+        require(not self.label_smoothing or spec.uses_label_smoothing, "label_smoothing",
+                f"has no effect on loss_type {self.loss_type}")
+        require(self.rpo_alpha is None or self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0")
+
+    @property
+    def nll_weight(self) -> float:
+        if self.rpo_alpha is not None:
+            return self.rpo_alpha
+        return 1.0 if self.loss_type == "orpo" else 0.0
+
+    @property
+    def reference_free(self) -> bool:
+        return PREFERENCE_LOSSES[self.loss_type].reference_free
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class DPO:
+    """compute_loss for the DPO family.
+
+    reference: scores the batch under the reference; None when the loss is reference-free
+    or the features carry precomputed `ref_chosen_logps` / `ref_rejected_logps`.
+    """
+
+    progress_keys = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(self, config: DPOConfig, pad_token_id: int,
+                 reference: ReferenceScorer | None) -> None:
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.reference = reference
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_preferences(features, self.pad_token_id)
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_logps"] = torch.tensor(
+                [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features])
+        return batch
+
+    def units(self, features: list[dict[str, Any]]) -> float:
+        # The loss is a weighted mean over pairs: weight 2 counts like the pair repeated.
+        return float(sum(f.get("weight", 1.0) for f in features))
+
+    def _beta(self, batch: dict[str, Any]) -> float | Tensor:
+        per_source = self.config.beta_per_source
+        if not per_source:
+            return self.config.beta
+        sources = batch.get("source") or [None] * (batch["input_ids"].shape[0] // 2)
+        return torch.tensor([per_source.get(s, self.config.beta) for s in sources])
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        out: CompletionLogps = model(*inputs, stats=True)
+        half = out.logps.shape[0] // 2
+        if self.config.reference_free:
+            ref = None
+        elif "ref_logps" in batch:
+            ref = batch["ref_logps"].to(out.logps)
+        else:
+            ref = self.reference(model, *inputs)
+        logps = PairLogps(
+            chosen=out.logps[:half], rejected=out.logps[half:],
+            ref_chosen=None if ref is None else ref[:half],
+            ref_rejected=None if ref is None else ref[half:],
+            chosen_lengths=out.lengths[:half], rejected_lengths=out.lengths[half:],
+        )
+        params = LossParams(beta=self._beta(batch), label_smoothing=self.config.label_smoothing,
+                            simpo_gamma=self.config.simpo_gamma)
+        result = preference_loss(self.config.loss_type, logps, params)
+        weight = batch.get("weight")
+        if weight is None:
+            loss = result.losses.mean()
+        else:
+            weight = weight.to(result.losses)
+            loss = (result.losses * weight).sum() / weight.sum().clamp(min=1e-12)
+        metrics = {
+            "rewards/chosen": result.chosen_rewards.mean(),
+            "rewards/rejected": result.rejected_rewards.mean(),
+            "rewards/margins": (result.chosen_rewards - result.rejected_rewards).mean(),
+            "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float().mean(),
+            "logps/chosen": logps.chosen.detach().mean(),
+            "logps/rejected": logps.rejected.detach().mean(),
+            "logits/chosen": _masked_mean(out.mean_logits[:half], out.mask[:half]),
+            "logits/rejected": _masked_mean(out.mean_logits[half:], out.mask[half:]),
+        }
+        if self.config.nll_weight:
+            nll = nll_loss(out.token_logps[:half], out.mask[:half])
+            loss = loss + self.config.nll_weight * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
+
+
+def run_dpo(config: DPOConfig, accelerator=None) -> TrainResult:
+    """`prefalign dpo`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml)."""
+    require(not (config.precompute_ref and config.reference_free), "precompute_ref",
+            f"does nothing for the reference-free loss {config.loss_type}")
+    run = start_run(config, accelerator)
+    pad = run.tokenizer.pad_token_id
+    train = load_pairs(config.data, run, "data")
+    evals = load_pairs(config.eval_data, run, "eval_data") if config.eval_data else []
+
+    reference = None
+    if not config.reference_free:
+        if config.ref_model:
+            reference = ReferenceScorer(load_frozen(config.ref_model, run), config.logps_chunk_size)
+        elif not run.is_lora:
+            # The starting weights, frozen: a second copy, unless precomputed below.
+            reference = ReferenceScorer(copy.deepcopy(run.model), config.logps_chunk_size)
+        else:
+            reference = ReferenceScorer(None)  # the policy with its adapters disabled
+        reference.to(run.accelerator.device)
+    policy = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
+    if config.precompute_ref:
+        identity = f"{config.ref_model or model_reference(config.model)}|lora={run.is_lora}"
+        for features in (train, evals):
+            if features:
+                logps = precompute_reference_logps(
+                    features, reference, policy.to(run.accelerator.device),
+                    lambda f: collate_preferences(f, pad), config.batch_size,
+                    run.accelerator.device, run.output_dir / "cache", identity)
+                attach_reference_logps(features, logps)
+        reference = None  # frees the frozen copy: training reads the cached numbers
+    algorithm = DPO(config, pad, reference)
+    trainer = Trainer(config, policy, algorithm, train, evals, run.accelerator)
+    result = trainer.train()
+    finish_run(run)
+    return result

@@ -1,0 +1,102 @@
+"""What every trainer does around the loop: set up, load, report, save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from prefalign.config import save_config
+from prefalign.lora import has_lora, print_trainable_parameters
+from prefalign.models import load_causal_lm, load_tokenizer, prepare_for_training, save_policy
+from prefalign.train.config import TrainConfig
+from prefalign.train.loop import make_accelerator
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    output_dir: Path
+
+    @property
+    def is_lora(self) -> bool:
+        return has_lora(self.model)
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args)
+
+
+def model_reference(path: str) -> str:
+    """How an artifact names its base: an absolute path for local dirs, else the hub id."""
+    local = Path(path)
+    return str(local.resolve()) if local.exists() else path
+
+
+def start_run(config: TrainConfig, accelerator: Accelerator | None = None) -> Run:
+    """Seed, create the output dir and config.yaml, load tokenizer and trainable model."""
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_causal_lm(config.model, config.trust_remote_code)
+    prepare_for_training(model, config)
+    if accelerator.is_main_process:
+        print_trainable_parameters(model)
+    return Run(config, accelerator, tokenizer, model, output_dir)
+
+
+def load_frozen(path: str, run: Run) -> PreTrainedModel:
+    model = load_causal_lm(path, run.config.trust_remote_code)
+    return model.requires_grad_(False).eval()
+
+
+def finish_run(run: Run) -> Path:
+    """Write OUTPUT/final (adapter or full model + tokenizer), and final-merged on request."""
+    run.accelerator.wait_for_everyone()
+    final = run.output_dir / "final"
+    if run.accelerator.is_main_process:
+        merged = run.output_dir / "final-merged" if run.config.merge and run.is_lora else None
+        save_policy(run.model, run.tokenizer, final, merged,
+                    base_name=model_reference(run.config.model))
+        run.print(f"saved {final}" + (f" and {merged}" if merged else ""))
+    run.accelerator.wait_for_everyone()
+    return final
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_pairs(source: str, run: Run, key: str) -> list[dict[str, Any]]:
+    """Preference features for training or evaluation, with a one-line data report."""
+    from prefalign.data import load_preferences
+
+    c = run.config
+    features, report = load_preferences(source, run.tokenizer, max_length=c.max_length,
+                                        max_prompt_length=c.max_prompt_length, strict=c.strict)
+    run.print(f"{key}: {describe_report(report)}")
+    return features
+
+
+def describe_report(report) -> str:
+    """'120 rows, 118 kept (explicit 118), 2 dropped (chosen == rejected: 2), truncated: ...'"""
+    norm, trunc = report.normalize, report.truncation
+    formats = ", ".join(f"{k} {v}" for k, v in norm.formats.most_common())
+    text = f"{report.source}: {norm.rows} rows, {norm.kept} kept ({formats})"
+    if norm.n_dropped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in norm.dropped.most_common())
+        text += f", {norm.n_dropped} dropped ({reasons})"
+    if trunc.any:
+        text += (f", truncated: {trunc.prompt} prompts, {trunc.chosen} chosen, "
+                 f"{trunc.rejected} rejected")
+    return text

@@ -1,0 +1,84 @@
+"""The options every trainer shares (sft, reward, dpo, kto, ppo), as one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefalign.config import option, require
+
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainConfig:
+    """Shared trainer options; each algorithm's config adds its own fields (one level)."""
+
+    model: str = option("", "model directory (HF model, or a prefalign output dir) or a cached hub id")
+    data: str = option("", "training data: JSONL, JSON, Parquet, CSV or a datasets folder")
+    eval_data: str | None = option(None, "evaluation data in the same formats")
+    output_dir: str = option("outputs/run", "where checkpoints, metrics and the final model go")
+    epochs: int = option(1, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = option(None, "optimizer steps to run; overrides epochs")
+    batch_size: int = option(4, "examples per device per micro-batch")
+    grad_accum: int = option(4, "micro-batches accumulated per optimizer step")
+    learning_rate: float | None = option(
+        None, "peak learning rate; none = 5e-6 for full fine-tuning, 5e-5 with LoRA")
+    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_ratio: float = option(0.1, "fraction of the steps spent warming up linearly from 0")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
+    max_length: int = option(1024, "maximum prompt+completion tokens per sequence")
+    max_prompt_length: int = option(512, "maximum prompt tokens (prompts are cut from the left)")
+    seed: int = option(42, "seed of initialisation, shuffling and dropout")
+    lora_r: int = option(16, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = option(32.0, "LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA path")
+    lora_targets: list[str] | None = option(
+        None, "module names to adapt; none = the architecture's attention projections")
+    mixed_precision: str = option(
+        "auto", "autocast dtype; auto = bf16 on a GPU that supports it, fp32 on CPU",
+        choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    logging_steps: int = option(10, "log metrics every N optimizer steps")
+    eval_steps: int = option(0, "evaluate every N steps (0 = only at the end)")
+    save_steps: int = option(0, "write a checkpoint every N steps (0 = none until the end)")
+    save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
+    resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
+    resume_from: str | None = option(None, "continue from this checkpoint directory")
+    report_to: str = option("none", "extra metric tracker", choices=TRACKERS)
+    merge: bool = option(False, "also save the LoRA-merged model in output_dir/final-merged")
+    logps_chunk_size: int | None = option(
+        None, "score this many tokens at a time through the LM head (bounds logits memory)")
+    strict: bool = option(False, "stop on droppable rows instead of dropping them with a count")
+    trust_remote_code: bool = option(False, "allow model code from the model directory to run")
+
+    def validate(self) -> None:
+        require(bool(self.model), "model", "is required (--model DIR)")
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        require(self.learning_rate is None or self.learning_rate > 0, "learning_rate",
+                "must be > 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        require(self.max_length >= 2, "max_length", "must be >= 2")
+        require(1 <= self.max_prompt_length < self.max_length, "max_prompt_length",
+                f"must be in [1, max_length={self.max_length})")
+        require(self.lora_r >= 0, "lora_r", "must be >= 0 (0 = full fine-tuning)")
+        require(self.lora_r == 0 or self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        require(self.eval_steps >= 0, "eval_steps", "must be >= 0")
+        require(self.save_steps >= 0, "save_steps", "must be >= 0")
+        require(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        require(self.logps_chunk_size is None or self.logps_chunk_size >= 1, "logps_chunk_size",
+                "must be >= 1")
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-5 if self.lora_r > 0 else 5e-6
