@@ -54,6 +54,13 @@ def _run_trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from prefalign.demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -87,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true",
                        help="treat droppable rows (empty completion, chosen == rejected) as errors")
     check.set_defaults(func=_data_check)
+
+    demo = sub.add_parser("demo", help="run the pipeline on a built-in task with a tiny model",
+                          description="Build a tiny model locally and run the pipeline on a "
+                          "built-in preference task; needs no network.")
+    demo.add_argument("--output-dir", default="demo-output",
+                      help="where everything is written (default: demo-output)")
+    demo.add_argument("--quick", action="store_true", help="fewer rows and steps")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    demo.set_defaults(func=_demo)
     return parser
 
 
