@@ -25,6 +25,8 @@ def _data_check(args: argparse.Namespace) -> int:
 TRAINERS = {
     "dpo": ("prefalign.algorithms.dpo", "DPOConfig", "run_dpo",
             "preference optimisation: DPO and its variants (ipo, simpo, orpo, ...)"),
+    "kto": ("prefalign.algorithms.kto", "KTOConfig", "run_kto",
+            "KTO: alignment from unpaired thumbs-up/down completions (paired data is unpaired)"),
 }
 
 
