@@ -85,14 +85,16 @@ def build_model(
     max_positions: int = 1024,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of a real architecture, sized for the CPU.
 
     arch: "llama" | "qwen2" (both use q/k/v/o_proj) or "gpt2" (Conv1D c_attn/c_proj).
+    vocab_size: a larger embedding than the tokenizer needs, to model a real LM head's cost.
     """
     ids = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
