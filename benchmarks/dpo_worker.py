@@ -10,7 +10,6 @@ import time
 import warnings
 
 import torch
-
 from common import peak_rss_mb
 
 
