@@ -159,3 +159,34 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, data, capsys):
     bad.write_text("beta: 0.1\nlearning_rte: 1e-5\n")
     assert main(["dpo", "--config", str(bad), "--model", str(tiny_model_dir), "--data", data]) == 2
     assert "learning_rte" in capsys.readouterr().err
+
+
+def test_full_finetune_writes_hf_model_and_checkpointing_is_exact(tmp_path, tiny_model_dir, data):
+    from transformers import AutoModelForCausalLM
+
+    plain = run_dpo(config(tmp_path / "a", tiny_model_dir, data, lora_r=0, max_steps=2,
+                           learning_rate=1e-3))
+    ckpt = run_dpo(config(tmp_path / "b", tiny_model_dir, data, lora_r=0, max_steps=2,
+                          learning_rate=1e-3, gradient_checkpointing=True))
+    for a, b in zip(plain.history, ckpt.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    final = tmp_path / "a" / "out" / "final"
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for (n, p), q in zip(trained.named_parameters(), base.parameters())
+               if not torch.equal(p, q)]
+    assert len(changed) == len(list(base.parameters()))  # every weight trained
+    assert (final / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_shipped_configs_are_valid(name, tiny_model_dir, data):
+    from pathlib import Path
+
+    from prefalign.algorithms.kto import KTOConfig
+    from prefalign.config import build_config, load_yaml
+
+    values = load_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    cls = DPOConfig if name == "dpo" else KTOConfig
+    build_config(cls, {**values, "model": str(tiny_model_dir), "data": data})
