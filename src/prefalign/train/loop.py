@@ -107,7 +107,8 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         c = self.config
-        return c.batch_size * c.grad_accum * self.accelerator.num_processes
+        per_step = getattr(self.algorithm, "minibatches_per_step", 1)
+        return c.batch_size * c.grad_accum * self.accelerator.num_processes * per_step
 
     def _total_steps(self) -> int:
         if self.config.max_steps:
@@ -130,12 +131,31 @@ class Trainer:
         rank = self.accelerator.process_index
         return [micro[rank] for micro in shares if micro[rank]], units, order
 
-    # -- one optimizer step -----------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------
     def _train_step(self) -> None:
-        acc = self.accelerator
+        """One step: by default one optimizer update over the window.
+
+        An algorithm with `plan(model, micro_batches)` (PPO) turns the window into several
+        updates instead (e.g. rollouts, then epochs of mini-batches); it yields
+        (micro-batches of this process, units of the update across processes) per update,
+        and may stop early. `pop_metrics()` adds per-step metrics (e.g. rollout scores).
+        """
         micro, total_units, ids = self._next_window()
-        loss_sum = torch.zeros((), device=acc.device)
         self.model.train()
+        plan = getattr(self.algorithm, "plan", None)
+        updates = plan(self.model, micro) if plan else [(micro, total_units)]
+        for update_micro, update_units in updates:
+            self._update(update_micro, update_units, ids)
+        pop_metrics = getattr(self.algorithm, "pop_metrics", None)
+        if pop_metrics:
+            self.window.add(pop_metrics(), weight=1.0)
+        self.scheduler.step()
+        self.step += 1
+
+    def _update(self, micro: list[Features], total_units: float, ids: list[int]) -> None:
+        """Accumulate gradients over `micro` (this process's micro-batches), then step."""
+        acc = self.accelerator
+        loss_sum = torch.zeros((), device=acc.device)
         for k, features in enumerate(micro):
             units = self.algorithm.units(features)
             batch = to_device(self.algorithm.collate(features), acc.device)
@@ -156,9 +176,7 @@ class Trainer:
         if bad:
             self._stop_non_finite(ids)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
 
     def _stop_non_finite(self, ids: list[int]) -> None:
         ckpts = list_checkpoints(self.checkpoint_dir)
@@ -186,8 +204,11 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "window": self.window.state(),
-                "total_steps": self.total_steps}
+        state = {"consumed": self.consumed, "window": self.window.state(),
+                 "total_steps": self.total_steps}
+        if hasattr(self.algorithm, "state_dict"):
+            state["algorithm"] = self.algorithm.state_dict()
+        return state
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
@@ -214,6 +235,8 @@ class Trainer:
         state = load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler)
         self.step, self.consumed = state["step"], state["consumed"]
         self.window.load_state(state.get("window", {}))
+        if "algorithm" in state:
+            self.algorithm.load_state_dict(state["algorithm"])
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     # -- the loop ---------------------------------------------------------------------
