@@ -1,0 +1,409 @@
+"""Batched sampling with a KV cache: PPO rollouts, best-of-N candidates, evaluation.
+
+A hand-written decoding loop over the model's own forward (prefill once, then one token per
+step with `past_key_values`) rather than `model.generate`, because it needs three things
+generate does not give together: per-token log-probs of the sampled tokens, stop strings cut
+at a documented point, and results that do not depend on how prompts are grouped.
+
+Randomness. Row (prompt i, candidate j) draws all of its uniforms up front from its own CPU
+`torch.Generator`, seeded by mixing (seed, i, j); step t samples by inverse CDF with the
+t-th uniform. A row's noise therefore depends on nothing but (seed, i, j): not on batch
+size, the order of prompts, the other rows, the device, or the global RNG (never touched).
+
+Left padding. Prompts are left-padded (data.collate.collate_prompts); position ids count
+real tokens only (`position_ids_from_mask`), so a padded prompt sees the positions it would
+see alone, and pad columns are masked out of attention. Rows that finish are dropped from
+the batch (and the cache). Grouping and dropping change batch shapes, hence float rounding
+(~1e-6 in log-probs), never which noise a row uses: tokens agree unless a uniform falls
+within rounding of a CDF step.
+
+Where a response ends (TRL's PPO truncates after the stop token; the same rule here):
+  EOS          response_ids end with the EOS token; text leaves it out (special tokens
+               are skipped). finish_reason "eos".
+  stop string  response_ids end with the token that completes the first occurrence of a
+               stop string (that token may carry characters past it); text is cut just
+               before the stop string. finish_reason "stop". Stop strings match the text
+               decoded without special tokens; a stop string that is itself a special token
+               ("<|im_end|>") acts as a stop token id.
+  neither      max_new_tokens reached: finish_reason "length", finished False (PPO
+               penalises responses without EOS).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prefalign.data.collate import collate_prompts
+from prefalign.data.tokenize import tokenizer_adds_bos
+from prefalign.errors import ConfigError, DataError
+from prefalign.logprobs import position_ids_from_mask
+
+Prompt = str | Sequence[dict] | Sequence[int]
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. temperature 0 is greedy (top_p/top_k ignored); n candidates per prompt.
+
+    batch_size counts prompts per forward batch, so a batch holds batch_size * n rows.
+    eos_token_ids: None means the tokenizer's EOS plus the model's generation_config EOS ids.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+    n: int = 1
+    batch_size: int = 8
+    eos_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "None or >= 1"),
+            ("n", self.n >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings),
+             "a list of non-empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"sampling.{name} must be {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def num_return_sequences(self) -> int:
+        """HF's name for `n`."""
+        return self.n
+
+
+@dataclass
+class Generation:
+    """One sampled response. logprobs[k] = log p(response_ids[k] | prefix) under
+    softmax(logits / temperature) over the full vocabulary (temperature 1 when greedy):
+    what `completion_logps(..., temperature=T)` recomputes. top-k/top-p are not applied
+    to it, as in TRL's PPO."""
+
+    prompt_index: int
+    candidate: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    finished: bool  # ended with EOS or a stop string, not by max_new_tokens
+
+
+def row_seed(seed: int, prompt_index: int, candidate: int) -> int:
+    """A 63-bit seed for row (prompt_index, candidate); splitmix64 so nearby keys decorrelate."""
+    x = 0
+    for part in (seed, prompt_index, candidate):
+        x = ((x ^ (part & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def row_uniforms(seed: int, keys: Sequence[tuple[int, int]], steps: int) -> Tensor:
+    """(R, steps) float64 uniforms in [0, 1); row r comes from its key (prompt, candidate) only."""
+    rows = []
+    for prompt_index, candidate in keys:
+        g = torch.Generator().manual_seed(row_seed(seed, prompt_index, candidate))
+        rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float = 1.0) -> Tensor:
+    """(B, V) logits -> (B, V) with filtered tokens at -inf (HF's top-k then top-p warpers).
+
+    top_k keeps tokens whose logit is at least the k-th largest (ties may keep more).
+    top_p keeps the most probable tokens until their mass reaches top_p: a token goes
+    when the tokens strictly ahead of it in (stable) sorted order already hold >= top_p.
+    The most probable token always stays.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(dim=-1)
+        ahead = probs.cumsum(dim=-1) - probs
+        drop_sorted = ahead >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF sampling: (B, V) logits, (B,) uniforms in [0, 1) -> (B,) token ids.
+
+    Token v is picked when cdf[v-1] <= u * total < cdf[v] (cdf in vocabulary order, float64),
+    so a token of probability zero is never picked and the same u gives the same token
+    whatever else is in the batch.
+    """
+    probs = logits.double().softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # u * total can round up to total; stay on the last token that has probability.
+    vocab = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, vocab, -1).amax(dim=-1)
+    return torch.minimum(picked, last)
+
+
+def next_tokens(logits: Tensor, uniforms: Tensor, cfg: SamplingConfig) -> tuple[Tensor, Tensor]:
+    """(B, V) last-position logits -> (B,) tokens and their (B,) fp32 log-probs (see Generation)."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        scaled = logits
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = logits / cfg.temperature
+        tokens = sample_tokens(filter_logits(scaled, cfg.top_k, cfg.top_p), uniforms)
+    logps = scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)
+    return tokens, logps
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Prompt ids, rendered as data.tokenize renders prompts.
+
+    str: tokenized without special tokens, with BOS in front if the tokenizer adds one.
+    list of message dicts: chat template with the generation prompt (it writes its own BOS).
+    list of ints: taken as already tokenized.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
+    texts: dict[int, str] = {}
+    out: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        kind = _prompt_kind(prompt)
+        if kind is None:
+            raise DataError(f"prompt {i}: expected a string, a list of chat messages or a list "
+                            f"of token ids, got {type(prompt).__name__} {str(prompt)[:60]!r}")
+        if kind == "chat":
+            texts[i] = tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=True)
+        elif kind == "text":
+            texts[i] = prompt
+        out.append(list(prompt) if kind == "ids" else list(bos) if kind == "text" else [])
+    if texts:  # one batched call: the fast tokenizer encodes the list in Rust
+        encoded = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+        for i, ids in zip(texts, encoded):
+            out[i].extend(ids)
+    for i, ids in enumerate(out):
+        if not ids:
+            raise DataError(f"prompt {i} renders to no tokens; there is nothing to continue")
+    return out
+
+
+def _prompt_kind(prompt: Any) -> str | None:
+    """"text", "chat", "ids", or None for anything else (an empty list included)."""
+    if isinstance(prompt, str):
+        return "text"
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return None
+    if all(isinstance(m, dict) for m in prompt):
+        return "chat"
+    return "ids" if all(isinstance(t, int) for t in prompt) else None
+
+
+def _stop_cut(tokenizer: Any, ids: list[int], stops: list[str], window: int) -> str | None:
+    """The response text cut before its first stop string if the last token completed one."""
+    if not any(s in tokenizer.decode(ids[-window:], skip_special_tokens=True) for s in stops):
+        return None
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any, cfg: SamplingConfig) -> set[int]:
+    if cfg.eos_token_ids is not None:
+        return set(cfg.eos_token_ids)
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return {i for i in ids if i is not None}
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """model.eval() for the block (no dropout), then each module's own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+class _Responses:
+    """The growing responses of R rows, and why each one ended."""
+
+    def __init__(self, rows: int, tokenizer: Any, cfg: SamplingConfig, eos_ids: set[int],
+                 stop_ids: set[int]) -> None:
+        self.tokenizer, self.stops, self.eos_ids, self.stop_ids = (
+            tokenizer, cfg.stop_strings, eos_ids, stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.reasons = ["length"] * rows
+        self.texts: list[str | None] = [None] * rows
+        # A stop string of L bytes lies within the last L tokens (each decodes to >= 1 byte);
+        # a few more cover tokens that decode to nothing.
+        self.window = max((len(s.encode()) for s in self.stops), default=0) + 4
+
+    def add(self, row: int, token: int, logp: float) -> bool:
+        """Append one sampled token to `row`; True when that ends the response."""
+        self.tokens[row].append(token)
+        self.logps[row].append(logp)
+        if token in self.eos_ids or token in self.stop_ids:
+            self.reasons[row] = "eos" if token in self.eos_ids else "stop"
+        elif self.stops:
+            self.texts[row] = _stop_cut(self.tokenizer, self.tokens[row], self.stops, self.window)
+            if self.texts[row] is not None:
+                self.reasons[row] = "stop"
+        return self.reasons[row] != "length"
+
+    def text(self, row: int) -> str:
+        cut = self.texts[row]
+        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True) if cut is None else cut
+
+
+def _prefill(model: nn.Module, prompt_ids: list[list[int]], pad: int, n: int):
+    """One forward over the P left-padded prompts, its cache repeated for n candidates each.
+
+    Returns cache (A = P * n rows), logits (A, V) at the last prompt token, attention mask
+    (A, T) and next position ids (A, 1).
+    """
+    device = next(model.parameters()).device
+    batch = collate_prompts(prompt_ids, pad)
+    mask = batch["attention_mask"].to(device)  # (P, T)
+    positions = position_ids_from_mask(mask)
+    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                position_ids=positions, use_cache=True, **extra)
+    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], positions[:, -1:] + 1
+    if n > 1:  # candidates share the prompt's prefill: repeat the cache, not the prompt
+        cache.batch_repeat_interleave(n)
+        logits, mask, next_pos = (x.repeat_interleave(n, dim=0) for x in (logits, mask, next_pos))
+    return cache, logits, mask, next_pos
+
+
+def _generate_batch(
+    model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], indices: list[int],
+    cfg: SamplingConfig, eos_ids: set[int], stop_ids: set[int],
+) -> list[Generation]:
+    """Sample cfg.n responses for each of P prompts; returns P * n Generations, candidates
+    of a prompt together. A <= P * n rows stay active: finished rows leave the batch."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cache, logits, mask, next_pos = _prefill(model, prompt_ids, pad, cfg.n)
+    keys = [(i, j) for i in indices for j in range(cfg.n)]
+    uniforms = row_uniforms(cfg.seed, keys, cfg.max_new_tokens).to(mask.device)  # (A, steps)
+    rows = _Responses(len(keys), tokenizer, cfg, eos_ids, stop_ids)
+    active = list(range(len(keys)))  # the row of each active batch position
+    for step in range(cfg.max_new_tokens):
+        picked, picked_logps = next_tokens(logits, uniforms[:, step], cfg)
+        keep = [a for a, (tok, lp) in enumerate(zip(picked.tolist(), picked_logps.tolist()))
+                if not rows.add(active[a], tok, lp)]
+        if not keep or step == cfg.max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(idx)
+            mask, next_pos, uniforms, picked = mask[idx], next_pos[idx], uniforms[idx], picked[idx]
+            active = [active[a] for a in keep]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+    return [
+        Generation(prompt_index=i, candidate=j, prompt_ids=prompt_ids[r // cfg.n],
+                   response_ids=rows.tokens[r], logprobs=rows.logps[r], text=rows.text(r),
+                   finish_reason=rows.reasons[r], finished=rows.reasons[r] != "length")
+        for r, (i, j) in enumerate(keys)
+    ]
+
+
+def _split_stops(tokenizer: Any, stops: list[str]) -> tuple[set[int], list[str]]:
+    """(token ids, strings): a stop string that is a special token never shows in the text
+    decoded without special tokens, so it is matched as a token id instead."""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    ids = {tokenizer.convert_tokens_to_ids(s) for s in stops if s in special}
+    return ids, [s for s in stops if s not in special]
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    # The prefill needs the last position only; a (B, T, V) logits tensor is the biggest
+    # allocation of generation when the model can skip it.
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
+    progress: bool | None = None,
+) -> list[Generation]:
+    """Sample sampling.n responses per prompt; returns len(prompts) * n Generations in the
+    order (prompt 0, candidate 0), (prompt 0, candidate 1), ..., (prompt 1, candidate 0), ...
+
+    Runs in eval mode (restored afterwards), without grad, on the model's device; LoRA
+    adapters apply unless the call sits inside `disable_adapters(model)`. Prompts are
+    grouped longest first, sampling.batch_size at a time, to waste little on padding: the
+    grouping never changes a result (see the module docstring). progress: a tqdm bar over
+    prompts; None shows it when there is more than one batch.
+    """
+    cfg = sampling
+    prompt_ids = render_prompts(tokenizer, prompts)
+    eos_ids = _eos_ids(model, tokenizer, cfg)
+    stop_ids, stop_strings = _split_stops(tokenizer, cfg.stop_strings)
+    cfg = replace(cfg, stop_strings=stop_strings)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    batches = [order[k : k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
+    results: list[Generation | None] = [None] * (len(prompt_ids) * cfg.n)
+    show = len(batches) > 1 if progress is None else progress
+    with _eval_mode(model), tqdm(total=len(prompt_ids), desc="generate", unit="prompt",
+                                 disable=not show) as bar:
+        for indices in batches:
+            chunk = [prompt_ids[i] for i in indices]
+            for g in _generate_batch(model, tokenizer, chunk, indices, cfg, eos_ids, stop_ids):
+                results[g.prompt_index * cfg.n + g.candidate] = g
+            bar.update(len(indices))
+    return results  # type: ignore[return-value]
+
+
+def collate_generations(generations: Sequence[Generation], pad_token_id: int) -> dict[str, Tensor]:
+    """Generations -> a batch laid out like completion_logps' inputs and outputs.
+
+    input_ids (B, P + R): prompt left-padded to P, response right-padded to R;
+    attention_mask (B, P + R) long; completion_mask (B, P + R) bool on response tokens;
+    token_logps (B, P + R) fp32: the sampled log-probs on response tokens, else 0, so it
+    lines up with `completion_logps(...).token_logps`.
+    """
+    P = max(len(g.prompt_ids) for g in generations)
+    R = max(len(g.response_ids) for g in generations)
+    B = len(generations)
+    input_ids = torch.full((B, P + R), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    completion_mask = torch.zeros((B, P + R), dtype=torch.bool)
+    token_logps = torch.zeros((B, P + R), dtype=torch.float32)
+    for b, g in enumerate(generations):
+        start, end = P - len(g.prompt_ids), P + len(g.response_ids)
+        input_ids[b, start:end] = torch.tensor(g.prompt_ids + g.response_ids)
+        attention_mask[b, start:end] = 1
+        completion_mask[b, P:end] = True
+        token_logps[b, P:end] = torch.tensor(g.logprobs, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": completion_mask, "token_logps": token_logps}
