@@ -63,6 +63,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    from prefalign.preferences.annotate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -105,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer rows and steps")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.set_defaults(func=_demo)
+
+    from prefalign.preferences import annotate as annotate_module
+
+    annotate = sub.add_parser("annotate", help="rank generated candidates by hand in the terminal",
+                              description=annotate_module.DESCRIPTION)
+    annotate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error")
+    annotate_module.add_arguments(annotate)
+    annotate.set_defaults(func=_annotate)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Preference data tools: automatic scorers (`scorers`) and merging files (`merge`)."""
