@@ -56,6 +56,17 @@ def _run_trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_merge(args: argparse.Namespace) -> int:
+    from prefalign.preferences.merge import merge_preferences, parse_input_spec
+
+    report = merge_preferences(
+        [parse_input_spec(text) for text in args.inputs], args.output, mode=args.mode,
+        dedupe=args.dedupe, val_fraction=args.val_fraction, seed=args.seed,
+        stratify_by=args.stratify_by or None, val_output=args.val_output)
+    print(report.format())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from prefalign.demo import run_demo
 
@@ -82,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in TRAINERS:
         _trainer_parser(sub, name)
 
-    data = sub.add_parser("data", help="inspect preference data")
+    data = sub.add_parser("data", help="inspect and merge preference data")
     data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show the full traceback of an error")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -102,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true",
                        help="treat droppable rows (empty completion, chosen == rejected) as errors")
     check.set_defaults(func=_data_check)
+    merge = data_sub.add_parser(
+        "merge", help="merge preference files with per-file weights, dedupe and a val split",
+        description="Read preference files in any format prefalign loads, weight each file, "
+        "remove exact duplicate pairs (keeping the heaviest copy) and write normalised JSONL "
+        "rows with source and weight, plus a validation split drawn in the same proportion "
+        "from every source.")
+    merge.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]",
+                       help="preference files; a number after the last colon is the file's "
+                       "weight (default 1), e.g. b.jsonl:5; a path that itself ends in "
+                       "':NUMBER' needs an explicit weight, e.g. data:2:1")
+    merge.add_argument("--output", "-o", required=True, help="merged training file (.jsonl)")
+    merge.add_argument("--mode", choices=("column", "repeat"), default="column",
+                       help="column: multiply each row's weight column by the file's weight; "
+                       "repeat: write each row WEIGHT times (whole numbers only) "
+                       "(default: column)")
+    merge.add_argument("--val-fraction", type=float, default=0.0,
+                       help="fraction of every source held out for validation (default: 0)")
+    merge.add_argument("--val-output",
+                       help="validation file (default: OUTPUT with .val before the suffix)")
+    merge.add_argument("--stratify-by", default="source",
+                       help="column whose values are split in equal proportion; '' for none "
+                       "(default: source)")
+    merge.add_argument("--no-dedupe", dest="dedupe", action="store_false",
+                       help="keep exact duplicate (prompt, chosen, rejected) rows")
+    merge.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    merge.set_defaults(func=_data_merge)
 
     demo = sub.add_parser("demo", help="run the pipeline on a built-in task with a tiny model",
                           description="Build a tiny model locally and run the pipeline on a "

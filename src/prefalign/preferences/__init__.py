@@ -1,1 +1,1 @@
-"""Preference data tools: automatic scorers (`scorers`) and merging files (`merge`)."""
+"""Preference data tools: automatic scorers (scorers), merging files (merge), human annotation (annotate)."""

@@ -1,0 +1,266 @@
+"""Merge preference files into one weighted, deduplicated JSONL with a stratified split.
+
+    report = merge_preferences([("hh.jsonl", 1), ("synthetic.parquet", 0.5)], "merged.jsonl",
+                               val_fraction=0.1)
+    print(report.format())
+
+Every input is read with data.load_rows and validated with data.normalize_rows (any format
+prefalign loads, rows without a preference are dropped and counted). Rows are written
+normalised: prompt/chosen/rejected as strings, or as lists of messages for conversational
+rows, plus `source` (the row's own, else the input's file stem), `weight`, and margin/id
+when the row has them. Such rows load back as the explicit or conversational format.
+
+Per-input weights:
+  mode="column"  weight = the row's own weight (1 when absent) * the input's weight; the
+                 trainers average losses with it, so weight 2 counts like a repeated pair
+  mode="repeat"  each row is written int(weight) times (0 drops the input) and keeps its own
+                 weight; inputs with fractional weights are refused
+
+Deduplication (dedupe=True) removes exact repeats of (prompt, chosen, rejected), also across
+inputs. The copy with the largest weight (row weight * input weight; the first on ties) is
+kept whole, source included, at the position of the first copy: a pair found in several
+corpora is trained on once, with the strongest weight any of them gives it, never a sum.
+
+The validation split (val_fraction > 0) is drawn per stratum (the `stratify_by` column,
+"source" by default; None: one stratum) from unique rows, before repetition, so no copy of
+a validation pair is trained on: n * val_fraction rows (rounded half up) of each stratum of
+n rows go to validation, but each stratum keeps at least one training row. The draw is
+seeded per (seed, stratum): deterministic, independent between strata, and adding an input
+leaves the other strata's draws alone.
+Both files keep the merged order and get the same weighting, so the validation loss
+measures the training objective. The validation file is OUTPUT with ".val" before the
+suffix (merged.jsonl -> merged.val.jsonl) unless `val_output` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefalign.data.formats import normalize_rows
+from prefalign.data.sources import load_rows
+from prefalign.errors import ConfigError, DataError
+
+MODES = ("column", "repeat")
+OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".json")  # all read back as JSON lines
+
+
+@dataclass
+class InputReport:
+    """One input: rows read, dropped by normalisation, removed as duplicates, split."""
+
+    path: str
+    weight: float
+    rows: int = 0
+    dropped: int = 0
+    duplicates: int = 0
+    train: int = 0  # unique rows; repeat mode writes each int(weight) times
+    val: int = 0
+
+
+@dataclass
+class MergeReport:
+    """What merge_preferences wrote; `train_rows`/`val_rows` count written lines."""
+
+    output: str
+    val_output: str | None
+    mode: str
+    inputs: list[InputReport] = field(default_factory=list)
+    train_rows: int = 0
+    val_rows: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        return sum(i.duplicates for i in self.inputs)
+
+    def format(self) -> str:
+        width = max([len("input")] + [len(i.path) for i in self.inputs])
+        lines = [f"{'input':<{width}}  {'weight':>6}  {'rows':>6}  {'dropped':>7}  "
+                 f"{'dupes':>6}  {'train':>6}  {'val':>6}"]
+        for i in self.inputs:
+            lines.append(f"{i.path:<{width}}  {i.weight:>6g}  {i.rows:>6}  {i.dropped:>7}  "
+                         f"{i.duplicates:>6}  {i.train:>6}  {i.val:>6}")
+        unit = " (lines; each row repeated by its input's weight)" if self.mode == "repeat" else ""
+        lines.append(f"duplicates removed: {self.duplicates}")
+        lines.append(f"train: {self.train_rows} rows -> {self.output}{unit}")
+        if self.val_output is not None:
+            lines.append(f"val:   {self.val_rows} rows -> {self.val_output}{unit}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Entry:
+    row: dict
+    input: int
+    copies: int  # lines written: 1, or the input's weight in repeat mode
+    rank: float  # row weight * input weight: decides which duplicate is kept
+
+
+def parse_input_spec(text: str) -> tuple[str, float]:
+    """"path" -> (path, 1.0); "path:W" -> (path, W) when W reads as a number.
+
+    Only a number after the last colon is a weight, so "data:v2.jsonl" is a path; a path
+    that ends in ":NUMBER" itself is written with an explicit weight, "a:5:1".
+    """
+    path, colon, tail = text.rpartition(":")
+    if colon and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def val_path(output: str | os.PathLike) -> Path:
+    """merged.jsonl -> merged.val.jsonl."""
+    path = Path(output)
+    return path.with_name(f"{path.stem}.val{path.suffix}")
+
+
+def merge_preferences(
+    inputs: list[tuple[str | os.PathLike, float]],
+    output: str | os.PathLike,
+    mode: str = "column",
+    dedupe: bool = True,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    stratify_by: str | None = "source",
+    val_output: str | os.PathLike | None = None,
+) -> MergeReport:
+    """Merge `inputs` [(path, weight)] into `output` (and a validation file); see the module
+    docstring. Raises ConfigError for bad arguments and DataError for bad data."""
+    _check_arguments(inputs, output, mode, val_fraction)
+    output = Path(output)
+    val_file = None if val_fraction == 0 else Path(val_output or val_path(output))
+    _check_outputs(inputs, output, val_file)
+    report = MergeReport(str(output), None if val_file is None else str(val_file), mode)
+    entries = []
+    for index, (path, weight) in enumerate(inputs):
+        info = InputReport(str(path), float(weight))
+        report.inputs.append(info)
+        rows = load_rows(path)
+        examples, norm = normalize_rows(rows)
+        info.rows, info.dropped = len(rows), norm.n_dropped
+        stem = _default_source(path)
+        entries.extend(_entry(example, index, float(weight), mode, stem) for example in examples)
+    if dedupe:
+        entries = _dedupe(entries, report.inputs)
+    entries = [entry for entry in entries if entry.copies]  # repeat mode, weight 0
+    if not entries:
+        raise DataError("no rows to write: every input was empty, dropped or has weight 0")
+    val_ids = _split(entries, val_fraction, seed, stratify_by)
+    train = [e for i, e in enumerate(entries) if i not in val_ids]
+    val = [e for i, e in enumerate(entries) if i in val_ids]
+    for part, name in ((train, "train"), (val, "val")):
+        for entry in part:
+            info = report.inputs[entry.input]
+            setattr(info, name, getattr(info, name) + 1)
+    report.train_rows = _write(output, train)
+    if val_file is not None:
+        report.val_rows = _write(val_file, val)
+    return report
+
+
+def _check_arguments(inputs: list, output: Any, mode: str, val_fraction: float) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not inputs:
+        raise ConfigError("no input files to merge")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"output {output}: the merged file is JSON lines; name it *.jsonl")
+    for path, weight in inputs:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{path}: weight must be a number, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"{path}: weight must be a finite number >= 0, got {weight}")
+        if mode == "repeat" and weight != int(weight):
+            raise ConfigError(f"{path}: weight {weight:g} is not a whole number; repeat mode "
+                              "writes each row weight times (use mode 'column' for fractions)")
+
+
+def _check_outputs(inputs: list, output: Path, val_file: Path | None) -> None:
+    # Reading finishes before writing, but overwriting an input would still lose it.
+    sources = {Path(path).resolve() for path, _ in inputs}
+    for path in (output, val_file):
+        if path is not None and path.resolve() in sources:
+            raise ConfigError(f"{path} is also an input; write the merged file elsewhere")
+    if val_file is not None and val_file.resolve() == output.resolve():
+        raise ConfigError(f"the validation file {val_file} is the output file")
+
+
+def _default_source(path: str | os.PathLike) -> str:
+    return Path(str(path).rstrip("/")).stem or str(path)
+
+
+def _entry(example: dict, index: int, weight: float, mode: str, stem: str) -> _Entry:
+    own = example.get("weight", 1.0)
+    row = {key: example[key] for key in ("prompt", "chosen", "rejected")}
+    row["source"] = example.get("source", stem)
+    row["weight"] = own * weight if mode == "column" else own
+    for key in ("margin", "id"):
+        if key in example:
+            row[key] = example[key]
+    copies = int(weight) if mode == "repeat" else 1
+    return _Entry(row, index, copies, own * weight)
+
+
+def _dedupe(entries: list[_Entry], inputs: list[InputReport]) -> list[_Entry]:
+    kept: dict[str, int] = {}  # pair key -> position in `unique`
+    unique: list[_Entry] = []
+    for entry in entries:
+        # Messages are dicts: sort their keys so the same pair always gives the same key.
+        key = json.dumps([entry.row[k] for k in ("prompt", "chosen", "rejected")],
+                         sort_keys=True, ensure_ascii=False)
+        if key not in kept:
+            kept[key] = len(unique)
+            unique.append(entry)
+            continue
+        first = unique[kept[key]]
+        loser = first if entry.rank > first.rank else entry
+        inputs[loser.input].duplicates += 1
+        if loser is first:
+            unique[kept[key]] = entry
+    return unique
+
+
+def _split(entries: list[_Entry], fraction: float, seed: int, column: str | None) -> set[int]:
+    """Indices of validation entries: the same fraction of every stratum, seeded per stratum."""
+    if fraction == 0:
+        return set()
+    strata: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        value = entry.row.get(column) if column else None
+        # json.dumps keeps 1 and "1" apart, and str seeds are stable across processes.
+        strata.setdefault(json.dumps(value), []).append(i)
+    chosen: set[int] = set()
+    for stratum, indices in strata.items():
+        count = min(math.floor(len(indices) * fraction + 0.5), len(indices) - 1)
+        rng = random.Random(f"{seed}:{stratum}")
+        chosen.update(rng.sample(indices, count))
+    return chosen
+
+
+def _write(path: Path, entries: list[_Entry]) -> int:
+    """Write JSON lines through a temporary file, so a failure leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    lines = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for entry in entries:
+            line = json.dumps(entry.row, ensure_ascii=False) + "\n"
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+                    line = json.dumps(entry.row) + "\n"
+            f.write(line * entry.copies)
+            lines += entry.copies
+    os.replace(tmp, path)
+    return lines
