@@ -27,6 +27,8 @@ TRAINERS = {
             "preference optimisation: DPO and its variants (ipo, simpo, orpo, ...)"),
     "kto": ("prefalign.algorithms.kto", "KTOConfig", "run_kto",
             "KTO: alignment from unpaired thumbs-up/down completions (paired data is unpaired)"),
+    "ppo": ("prefalign.algorithms.ppo", "PPOConfig", "run_ppo",
+            "PPO against a reward model or a scoring function"),
 }
 
 

@@ -1,0 +1,363 @@
+"""PPO against a reward model or a scoring function (Ouyang et al. 2022, arXiv:2203.02155).
+
+One training-loop step is one PPO iteration:
+  1. rollout: sample responses to the step's prompts (KV cache), score them;
+  2. one no-grad pass gives the old log-probs and values, one the reference log-probs;
+  3. rewards = score on the last token - kl_coef * KL per token; GAE; whitened advantages;
+  4. ppo_epochs passes over num_mini_batches mini-batches, each one optimizer update of the
+     clipped policy loss + vf_coef * clipped value loss; stop early when approx KL exceeds
+     target_approx_kl.
+The old log-probs come from the same forward, on the same micro-batches, as the first
+update's, so the ratio is exactly 1 on the first mini-batch of the first epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefalign.algorithms.reference import eval_mode
+from prefalign.config import option, require
+from prefalign.errors import ConfigError
+from prefalign.generation import SamplingConfig, generate
+from prefalign.lora import disable_adapters
+from prefalign.rl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    shaped_rewards,
+)
+from prefalign.train.config import TrainConfig
+from prefalign.train.loop import to_device
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    reward_model: str | None = option(None, "reward model directory (from prefalign reward)")
+    reward_fn: str | None = option(
+        None, "scorer instead of a reward model: module:function or a built-in scorer spec")
+    value_model: str | None = option(
+        None, "initialise a separate critic from this reward model dir; none = value head "
+        "on the policy backbone")
+    kl_coef: float = option(0.05, "initial KL penalty coefficient")
+    kl_estimator: str = option("k1", "per-token KL estimator", choices=KL_ESTIMATORS)
+    target_kl: float | None = option(
+        None, "adapt kl_coef toward this KL per sequence (Ziegler et al. 2019); none = fixed")
+    kl_horizon: int = option(10000, "horizon of the adaptive KL controller")
+    gamma: float = option(1.0, "discount factor")
+    lam: float = option(0.95, "GAE lambda")
+    cliprange: float = option(0.2, "policy ratio clip range")
+    cliprange_value: float = option(0.2, "value clip range")
+    vf_coef: float = option(0.1, "value loss coefficient")
+    ppo_epochs: int = option(4, "passes over each rollout batch")
+    num_mini_batches: int = option(1, "optimizer updates per epoch over the rollout batch")
+    target_approx_kl: float | None = option(
+        None, "stop the epochs of a rollout early when approx KL exceeds this (e.g. 0.02)")
+    whiten_rewards: bool = option(False, "whiten the scores over the rollout batch")
+    reward_clip: float | None = option(None, "clip scores to [-c, c]")
+    missing_eos_penalty: float | None = option(
+        None, "subtract this from the score of responses that did not end with EOS/stop")
+    max_new_tokens: int = option(64, "response length limit")
+    temperature: float = option(0.7, "sampling temperature (> 0)")
+    top_p: float = option(1.0, "nucleus sampling")
+    stop_strings: list[str] = option([], "end a response at any of these strings")
+    num_samples: int = option(4, "sample generations written to samples.jsonl per log")
+
+    def validate(self) -> None:
+        super().validate()
+        require(not (self.reward_model and self.reward_fn), "reward_model",
+                "and reward_fn exclude each other: give one")
+        require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0")
+        require(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+        require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        require(self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "must be > 0")
+        require(self.ppo_epochs >= 1 and self.num_mini_batches >= 1, "ppo_epochs",
+                "and num_mini_batches must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0 (PPO needs sampling)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+Scorer = Callable[[list, list], list]
+
+
+class PPO:
+    """Rollouts and the clipped PPO update for the training loop (see module docstring)."""
+
+    progress_keys = ("objective/scores", "objective/kl")
+
+    def __init__(self, config: PPOConfig, tokenizer: Any, scorer: Scorer, accelerator: Any,
+                 reference=None, samples_path=None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.accelerator = accelerator
+        self.reference = reference  # a frozen causal LM, or None: adapters disabled
+        self.samples_path = samples_path
+        self.minibatches_per_step = config.num_mini_batches
+        self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+                       if config.target_kl else FixedKLController(config.kl_coef))
+        self.iteration = 0
+        self._metrics: dict[str, Any] = {}
+        self._approxkl: list[Tensor] = []
+
+    # -- loop protocol ----------------------------------------------------------------
+    def units(self, rows: list[dict]) -> float:
+        return float(len(rows))
+
+    def collate(self, rows: list[dict]) -> dict[str, Tensor]:
+        """Experience rows -> right-padded (B, T) tensors."""
+        length = max(len(r["input_ids"]) for r in rows)
+
+        def pad(key: str, value: Any = 0) -> Tensor:
+            out = torch.full((len(rows), length), value, dtype=rows[0][key].dtype)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = r[key]
+            return out
+
+        batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id),
+                 "attention_mask": pad("attention_mask"), "completion_mask": pad("completion_mask")}
+        for key in ("old_logps", "old_values", "advantages", "returns"):
+            if key in rows[0]:
+                batch[key] = pad(key)
+        return batch
+
+    def compute_loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        c = self.config
+        out, values = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                            temperature=c.temperature, stats=True, chunk_size=c.logps_chunk_size)
+        mask = out.mask
+        pg_loss, pg = ppo_policy_loss(out.token_logps, batch["old_logps"], batch["advantages"],
+                                      mask, c.cliprange)
+        vf_loss, vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                     c.cliprange_value)
+        self._approxkl.append(pg["approxkl"])
+        return pg_loss + c.vf_coef * vf_loss, {
+            "policy/loss": pg_loss.detach(), "policy/approxkl": pg["approxkl"],
+            "policy/clipfrac": pg["clipfrac"], "policy/ratio": pg["ratio"],
+            "policy/entropy": masked_mean(out.entropy, mask), "val/loss": vf_loss.detach(),
+            "val/clipfrac": vf["clipfrac"],
+        }
+
+    def plan(self, model, micro: list[list[dict]]) -> Iterator[tuple[list[list[dict]], float]]:
+        """Rollout for this step's prompts, then the updates of every epoch and mini-batch."""
+        c = self.config
+        prompts = [f for m in micro for f in m]
+        rows = self._rollout(model, prompts)
+        size = c.batch_size * c.grad_accum
+        procs = self.accelerator.num_processes
+        rng = random.Random(c.seed * 7919 + self.iteration)
+        self._approxkl.clear()
+        for epoch in range(c.ppo_epochs):
+            # Epoch 0 keeps the rollout's order: its first micro-batches are exactly those
+            # the old log-probs were computed on.
+            order = list(range(len(rows))) if epoch == 0 else rng.sample(range(len(rows)), len(rows))
+            for start in range(0, len(rows), size):
+                chosen = [rows[i] for i in order[start : start + size]]
+                batches = [chosen[i : i + c.batch_size] for i in range(0, len(chosen), c.batch_size)]
+                self._approxkl.clear()
+                yield batches, float(len(chosen) * procs)
+                if c.target_approx_kl and self._mean_approxkl() > c.target_approx_kl:
+                    self._metrics["policy/early_stop_epoch"] = epoch
+                    return
+
+    def _mean_approxkl(self) -> float:
+        return float(torch.stack(self._approxkl).mean()) if self._approxkl else 0.0
+
+    def pop_metrics(self) -> dict[str, Any]:
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.iteration = state["iteration"]
+
+    # -- rollout ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _rollout(self, model, prompts: list[dict]) -> list[dict]:
+        c, acc = self.config, self.accelerator
+        unwrapped = acc.unwrap_model(model)
+        sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                  top_p=c.top_p, stop_strings=list(c.stop_strings),
+                                  seed=c.seed * 100_003 + self.iteration * acc.num_processes
+                                  + acc.process_index, batch_size=c.batch_size)
+        gens = generate(unwrapped.policy, self.tokenizer, [p["prompt"] for p in prompts],
+                        sampling, progress=False)
+        rows = [self._row(g) for g in gens]
+        # Old log-probs and values: the update's forward, on the update's micro-batches.
+        for start in range(0, len(rows), c.batch_size):
+            part = rows[start : start + c.batch_size]
+            batch = to_device(self.collate(part), acc.device)
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            with acc.autocast():
+                out, values = model(*inputs, temperature=c.temperature, stats=True,
+                                    chunk_size=c.logps_chunk_size)
+                ref = self._reference_logps(unwrapped, inputs)
+            for i, row in enumerate(part):
+                n = len(row["input_ids"])
+                row["old_logps"] = out.token_logps[i, :n].float().cpu()
+                row["old_values"] = values[i, :n].float().cpu()
+                row["ref_logps"] = ref[i, :n].float().cpu()
+                row["entropy"] = float(masked_mean(out.entropy[i, :n], out.mask[i, :n]))
+        texts = [g.text for g in gens]
+        scores = torch.tensor(self.scorer([p["prompt"] for p in prompts], texts),
+                              dtype=torch.float32)
+        return self._advantages(rows, scores, prompts, texts, gens)
+
+    def _row(self, g) -> dict[str, Tensor]:
+        ids = torch.tensor(g.prompt_ids + g.response_ids)
+        completion = torch.zeros(len(ids), dtype=torch.bool)
+        completion[len(g.prompt_ids):] = True
+        return {"input_ids": ids, "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "completion_mask": completion, "finished": g.finished}
+
+    def _reference_logps(self, unwrapped, inputs) -> Tensor:
+        from prefalign.logprobs import completion_logps
+
+        T = self.config.temperature
+        if self.reference is not None:
+            return completion_logps(self.reference, *inputs, temperature=T).token_logps
+        with disable_adapters(unwrapped.policy), eval_mode(unwrapped.policy):
+            return completion_logps(unwrapped.policy, *inputs, temperature=T).token_logps
+
+    def _advantages(self, rows, scores: Tensor, prompts, texts, gens) -> list[dict]:
+        c = self.config
+        raw_scores = scores.clone()
+        finished = torch.tensor([r["finished"] for r in rows])
+        if c.missing_eos_penalty is not None:
+            scores = scores - c.missing_eos_penalty * (~finished).float()
+        if c.reward_clip is not None:
+            scores = scores.clamp(-c.reward_clip, c.reward_clip)
+        if c.whiten_rewards:
+            scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
+        batch = self.collate(rows)
+        mask = batch["completion_mask"] & batch["attention_mask"].bool()
+        mask[:, 0] = False
+        pad = lambda key: self._pad_key(rows, key, batch["input_ids"].shape[1])  # noqa: E731
+        old_logps, ref_logps, values = pad("old_logps"), pad("ref_logps"), pad("old_values")
+        kl = kl_estimate(old_logps, ref_logps, c.kl_estimator) * mask
+        kl_coef = self.kl_ctl.value
+        rewards = shaped_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            row["advantages"], row["returns"] = advantages[i, :n], returns[i, :n]
+        kl_per_seq = kl.sum(1)
+        self._metrics = {
+            "objective/scores": raw_scores.mean().item(),
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
+            "objective/rlhf_reward": (scores - kl_coef * kl_per_seq).mean().item(),
+            "objective/entropy": sum(r["entropy"] for r in rows) / len(rows),
+            "val/explained_variance": explained_variance(values, returns, mask).item(),
+            "val/mean": masked_mean(values, mask).item(),
+            "kl_coef": kl_coef,
+            "response_length": mask.sum(1).float().mean().item(),
+            "eos_fraction": finished.float().mean().item(),
+        }
+        self.kl_ctl.update(self._metrics["objective/kl"], len(rows) * self.accelerator.num_processes)
+        self._write_samples(prompts, texts, raw_scores)
+        self.iteration += 1
+        return rows
+
+    @staticmethod
+    def _pad_key(rows, key: str, length: int) -> Tensor:
+        out = torch.zeros(len(rows), length)
+        for i, r in enumerate(rows):
+            out[i, : len(r[key])] = r[key]
+        return out
+
+    def _write_samples(self, prompts, texts, scores) -> None:
+        c = self.config
+        if (self.samples_path is None or not self.accelerator.is_main_process
+                or self.iteration % c.logging_steps):
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            for p, t, s in list(zip(prompts, texts, scores.tolist()))[: c.num_samples]:
+                handle.write(json.dumps({"step": self.iteration + 1, "prompt": p["prompt"],
+                                         "response": t, "score": s}) + "\n")
+
+
+def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> str:
+    """What a scorer sees of a prompt: the text itself, or the rendered chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def resolve_scorer(spec: Any, tokenizer: Any) -> Scorer:
+    """A reward-model dir, a scorer spec or a Python callable -> (prompts, responses) -> scores.
+
+    Chat prompts reach the scorer as their rendered template text.
+    """
+    from prefalign.preferences.scorers import load_scorer
+
+    scorer = load_scorer(spec)
+    return lambda prompts, responses: scorer([prompt_text(tokenizer, p) for p in prompts],
+                                             responses)
+
+
+def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None):
+    """`prefalign ppo`: train, then write OUTPUT/final (+ value_head.safetensors).
+
+    scorer: a Python function (prompts, responses) -> scores (or one taking a single
+    pair), used instead of config.reward_model / reward_fn.
+    """
+    import copy
+
+    from prefalign.algorithms.ppo_models import (
+        PolicyWithValue,
+        ValueHead,
+        critic_backbone,
+        disable_dropout,
+        save_value_head,
+    )
+    from prefalign.algorithms.runner import finish_run, start_run
+    from prefalign.data.prompts import load_prompts
+    from prefalign.lora import apply_lora
+    from prefalign.train.loop import Trainer
+
+    if not (scorer or config.reward_model or config.reward_fn):
+        raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
+                          "model directory or a scorer spec (module:function, a built-in)")
+    run = start_run(config, accelerator)
+    disable_dropout(run.model)
+    prompts = load_prompts(config.data)
+    run.print(f"data: {config.data}: {len(prompts)} prompts")
+    critic = None
+    if config.value_model:
+        critic = critic_backbone(config.value_model)
+        if config.lora_r > 0:
+            apply_lora(critic, config.lora_targets, config.lora_r, config.lora_alpha)
+        disable_dropout(critic)
+    hidden = (critic or run.model).config.get_text_config().hidden_size
+    module = PolicyWithValue(run.model, ValueHead(hidden), critic)
+    reference = None
+    if not run.is_lora:
+        reference = copy.deepcopy(run.model).requires_grad_(False).eval()
+        reference.to(run.accelerator.device)
+    score = resolve_scorer(scorer or config.reward_model or config.reward_fn, run.tokenizer)
+    algorithm = PPO(config, run.tokenizer, score, run.accelerator, reference,
+                    samples_path=run.output_dir / "samples.jsonl")
+    result = Trainer(config, module, algorithm, prompts, None, run.accelerator).train()
+    final = finish_run(run)
+    if run.accelerator.is_main_process:
+        save_value_head(module.value_head, final)
+    return result

@@ -1,0 +1,53 @@
+"""Prompt sets for rollouts, best-of-N generation and evaluation.
+
+A row gives its prompt as `prompt` (text or chat messages), as `messages` (the prompt is
+everything before the last assistant turn, or the whole list if it ends with a user turn),
+or implicitly as any preference row data.formats understands (its prompt is used).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefalign.data.formats import normalize_row
+from prefalign.data.sources import load_rows
+from prefalign.errors import DataError
+
+
+def _from_messages(messages: Any, origin: str) -> list[dict]:
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"{origin}: field 'messages' must be a list of {{role, content}} dicts")
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise DataError(f"{origin}: field 'messages' has no turn before the last assistant turn")
+    return messages
+
+
+def prompt_of(row: dict[str, Any], origin: str) -> str | list[dict]:
+    """The prompt of one row (text or messages), or a DataError naming the row."""
+    if "prompt" in row and "chosen" not in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, str) and prompt.strip():
+            return prompt
+        if isinstance(prompt, list) and prompt:
+            return _from_messages(prompt, origin)
+        raise DataError(f"{origin}: field 'prompt' must be a non-empty string or chat messages")
+    if "messages" in row:
+        return _from_messages(row["messages"], origin)
+    if "chosen" in row:
+        return normalize_row(row, origin)["prompt"]
+    raise DataError(f"{origin}: no prompt: give a 'prompt' or 'messages' field "
+                    f"(found {', '.join(sorted(row)) or 'no fields'})")
+
+
+def load_prompts(source: Any, split: str = "train") -> list[dict[str, Any]]:
+    """[{"prompt": ..., "id": ..., "origin": ...}] with the row's id kept when present."""
+    out = []
+    for row, origin in load_rows(source, split=split):
+        item = {"prompt": prompt_of(row, origin), "origin": origin}
+        if "id" in row:
+            item["id"] = row["id"]
+        out.append(item)
+    return out
