@@ -180,13 +180,15 @@ def test_full_finetune_writes_hf_model_and_checkpointing_is_exact(tmp_path, tiny
     assert (final / "tokenizer_config.json").is_file()
 
 
-@pytest.mark.parametrize("name", ["dpo", "kto"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "reward"])
 def test_shipped_configs_are_valid(name, tiny_model_dir, data):
     from pathlib import Path
 
     from prefalign.algorithms.kto import KTOConfig
+    from prefalign.algorithms.reward import RewardConfig
+    from prefalign.algorithms.sft import SFTConfig
     from prefalign.config import build_config, load_yaml
 
     values = load_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    cls = DPOConfig if name == "dpo" else KTOConfig
+    cls = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig, "reward": RewardConfig}[name]
     build_config(cls, {**values, "model": str(tiny_model_dir), "data": data})

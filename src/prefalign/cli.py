@@ -23,10 +23,14 @@ def _data_check(args: argparse.Namespace) -> int:
 
 # subcommand -> (module, config class, run function, one-line help)
 TRAINERS = {
+    "sft": ("prefalign.algorithms.sft", "SFTConfig", "run_sft",
+            "supervised fine-tuning on instruction, chat or plain-text data"),
     "dpo": ("prefalign.algorithms.dpo", "DPOConfig", "run_dpo",
             "preference optimisation: DPO and its variants (ipo, simpo, orpo, ...)"),
     "kto": ("prefalign.algorithms.kto", "KTOConfig", "run_kto",
             "KTO: alignment from unpaired thumbs-up/down completions (paired data is unpaired)"),
+    "reward": ("prefalign.algorithms.reward", "RewardConfig", "run_reward",
+               "train a reward model (Bradley-Terry) on preference pairs"),
     "ppo": ("prefalign.algorithms.ppo", "PPOConfig", "run_ppo",
             "PPO against a reward model or a scoring function"),
 }
@@ -66,6 +70,15 @@ def _data_merge(args: argparse.Namespace) -> int:
         dedupe=args.dedupe, val_fraction=args.val_fraction, seed=args.seed,
         stratify_by=args.stratify_by or None, val_output=args.val_output)
     print(report.format())
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from prefalign.algorithms.reward import score_file
+
+    score_file(args.reward_model, args.data, args.output, args.batch_size,
+               max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+               trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -141,6 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep exact duplicate (prompt, chosen, rejected) rows")
     merge.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     merge.set_defaults(func=_data_merge)
+
+    score = sub.add_parser(
+        "score", help="score responses or preference pairs with a reward model",
+        description="Score every row of a data file with a reward model and write the rows "
+        "with their scores as JSONL: preference pairs get score_chosen and score_rejected, "
+        "prompt + response (or completion, or a conversation in messages) rows get score. "
+        "Sequences are formatted and truncated exactly as in reward training.")
+    score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    score.add_argument("--reward-model", required=True,
+                       help="reward model directory (OUTPUT/final of prefalign reward)")
+    score.add_argument("--data", required=True,
+                       help="rows to score: JSONL, JSON, Parquet, CSV or a datasets folder")
+    score.add_argument("--output", help="JSONL to write (default: DATA.scored.jsonl)")
+    score.add_argument("--batch-size", type=int, default=8,
+                       help="sequences per forward pass (default: 8)")
+    score.add_argument("--max-length", type=int, default=1024,
+                       help="maximum prompt+response tokens, as in training (default: 1024)")
+    score.add_argument("--max-prompt-length", type=int, default=512,
+                       help="maximum prompt tokens, as in training (default: 512)")
+    score.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model code from the model directory to run")
+    score.set_defaults(func=_score)
 
     demo = sub.add_parser("demo", help="run the pipeline on a built-in task with a tiny model",
                           description="Build a tiny model locally and run the pipeline on a "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,15 @@ def model_reference(path: str) -> str:
     return str(local.resolve()) if local.exists() else path
 
 
-def start_run(config: TrainConfig, accelerator: Accelerator | None = None) -> Run:
-    """Seed, create the output dir and config.yaml, load tokenizer and trainable model."""
+def start_run(config: TrainConfig, accelerator: Accelerator | None = None,
+              load_model: Callable[[PreTrainedTokenizerBase], torch.nn.Module] | None = None
+              ) -> Run:
+    """Seed, create the output dir and config.yaml, load tokenizer and trainable model.
+
+    load_model(tokenizer): builds a trainable model other than the default causal LM with
+    LoRA (or unfrozen), e.g. a reward model. It runs after seeding, so fresh heads are
+    initialised reproducibly.
+    """
     accelerator = accelerator or make_accelerator(config.mixed_precision)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -48,8 +56,11 @@ def start_run(config: TrainConfig, accelerator: Accelerator | None = None) -> Ru
         save_config(config, output_dir / "config.yaml")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_causal_lm(config.model, config.trust_remote_code)
-    prepare_for_training(model, config)
+    if load_model is None:
+        model = load_causal_lm(config.model, config.trust_remote_code)
+        prepare_for_training(model, config)
+    else:
+        model = load_model(tokenizer)
     if accelerator.is_main_process:
         print_trainable_parameters(model)
     return Run(config, accelerator, tokenizer, model, output_dir)

@@ -16,6 +16,7 @@ from typing import Any
 from prefalign.data.check import CheckSummary, check_file
 from prefalign.data.collate import collate_preferences, collate_prompts
 from prefalign.data.formats import NormalizeReport, normalize_rows
+from prefalign.data.instructions import InstructionReport, collate_instructions, load_instructions
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import TruncationReport, tokenize_preferences
 from prefalign.errors import DataError
@@ -23,12 +24,15 @@ from prefalign.errors import DataError
 __all__ = [
     "CheckSummary",
     "DataReport",
+    "InstructionReport",
     "NormalizeReport",
     "Row",
     "TruncationReport",
     "check_file",
     "collate_preferences",
+    "collate_instructions",
     "collate_prompts",
+    "load_instructions",
     "load_preferences",
     "load_rows",
     "normalize_rows",

@@ -1,0 +1,328 @@
+"""Instruction data for SFT: load, normalise, tokenize, collate.
+
+Each row is one of (detected per row, so a file may mix them):
+
+  prompt-completion  prompt and completion strings; loss on the completion.
+  conversational     prompt messages (or a prompt string) and assistant completion messages
+                     (or a whole conversation in `completion`, whose last assistant turn is
+                     the completion), as KTO's unpaired rows; loss on the completion.
+  messages           a whole conversation in `messages`; loss on EVERY assistant turn. This
+                     is what TRL 1.16's SFTTrainer does with `assistant_only_loss=True`; with
+                     completion_only_loss off (TRL's default for `messages`) every token
+                     trains. A conversation with one assistant turn at the end gives the same
+                     ids and mask as the same conversation split into prompt and completion.
+  text               plain text (language-model data); loss on every token.
+
+`source` and `id` columns are kept; `weight` and `margin` have no meaning here and are
+ignored. Malformed rows raise DataError naming origin and field; rows with nothing to learn
+(an empty completion or text, only empty assistant turns) are dropped with a count, or
+refused under strict=True.
+
+Tokenization follows data.tokenize, so a completion has the same ids in SFT, DPO and KTO:
+text completions get EOS once (a `text` row too: TRL appends it to language-model rows),
+a tokenizer that adds BOS gets it in front, conversations use the chat template (whose
+end-of-turn is the EOS), and a token merged across the prompt/completion boundary counts as
+completion. An assistant turn of a `messages` row spans from the end of the conversation
+rendered up to it with the generation prompt to the end of the conversation rendered
+through it, both located by the same common-prefix rule on the ids of the whole rendering.
+
+Truncation: the prompt (for `messages`, everything before the first assistant reply; for
+`text`, only BOS) keeps its last max_prompt_length tokens, then the rest keeps its first
+max_length - len(prompt) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prefalign.data.collate import _kept_columns as _collate_kept_columns
+from prefalign.data.collate import _pad
+from prefalign.data.formats import (
+    DROP_EMPTY,
+    NormalizeReport,
+    _check_messages,
+    _check_text_or_messages,
+    _is_empty,
+    _kept_columns,
+    _keys,
+    _type_name,
+)
+from prefalign.data.sources import Row, load_rows
+from prefalign.data.tokenize import (
+    _apply_template,
+    _common_prefix,
+    check_limits,
+    render_ids,
+    truncate_ids,
+)
+from prefalign.data.unpaired import _split_conversation
+from prefalign.errors import DataError
+
+Ids = list[int]
+FORMATS = ("prompt-completion", "conversational", "messages", "text")
+_KEPT = ("source", "id")
+
+
+@dataclass
+class InstructionReport:
+    """What loading did: row counts (data.formats' NormalizeReport: rows, kept per format,
+    dropped per reason), truncation counts and the number of completion tokens."""
+
+    source: str
+    normalize: NormalizeReport
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+    completion_tokens: int = 0  # tokens that get loss with completion_only_loss
+
+    def describe(self) -> str:
+        """'sft.jsonl: 12 rows, 11 kept (messages 6, text 5), 1 dropped (empty ...), ...'"""
+        norm = self.normalize
+        formats = ", ".join(f"{k} {v}" for k, v in norm.formats.most_common())
+        text = f"{self.source}: {norm.rows} rows, {norm.kept} kept ({formats})"
+        if norm.n_dropped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in norm.dropped.most_common())
+            text += f", {norm.n_dropped} dropped ({reasons})"
+        text += f", {self.completion_tokens} completion tokens"
+        if self.truncated_prompts or self.truncated_completions:
+            text += (f", truncated: {self.truncated_prompts} prompts, "
+                     f"{self.truncated_completions} completions")
+        return text
+
+
+# -- rows -> examples -----------------------------------------------------------------
+
+
+def normalize_instruction_row(data: Any, origin: str) -> dict:
+    """One raw row -> example: format, origin, source/id when present, and
+    prompt + completion (prompt-completion, conversational), messages, or text."""
+    if not isinstance(data, dict):
+        raise DataError(f"{origin}: expected an object with prompt/completion, messages or "
+                        f"text, got {type(data).__name__}")
+    if data.get("messages") is not None:
+        example = {"messages": _conversation(data["messages"], origin), "format": "messages"}
+    elif data.get("completion") is not None:
+        example = _prompt_completion(data, origin)
+    elif data.get("text") is not None:
+        if not isinstance(data["text"], str):
+            raise DataError(f"{origin}: field 'text' must be a string, got "
+                            f"{_type_name(data['text'])}")
+        example = {"text": data["text"], "format": "text"}
+    else:
+        hint = ""
+        if "chosen" in data or "rejected" in data:
+            hint = "; chosen/rejected rows are preference data, for `prefalign dpo`"
+        raise DataError(f"{origin}: expected field 'messages', 'prompt' + 'completion' or "
+                        f"'text' (the row has {_keys(data)}){hint}")
+    example["origin"] = origin
+    example.update(_kept_columns({k: data[k] for k in _KEPT if k in data}, origin))
+    return example
+
+
+def _conversation(messages: Any, origin: str) -> list[dict]:
+    if not isinstance(messages, list):
+        raise DataError(f"{origin}: field 'messages' must be a list of messages, got "
+                        f"{_type_name(messages)}")
+    messages = _check_messages(messages, "messages", origin)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{origin}: field 'messages' has no assistant turn; SFT learns the "
+                        "assistant's replies")
+    return messages
+
+
+def _prompt_completion(data: dict, origin: str) -> dict:
+    completion, prompt = data["completion"], data.get("prompt")
+    _check_text_or_messages(completion, "completion", origin)
+    if prompt is not None:
+        _check_text_or_messages(prompt, "prompt", origin)
+    if isinstance(completion, str) and not isinstance(prompt, list):
+        if prompt is None:
+            raise DataError(f"{origin}: missing field 'prompt' (the row has {_keys(data)})")
+        return {"prompt": prompt, "completion": completion, "format": "prompt-completion"}
+    prompt, completion = _split_conversation(prompt, completion, origin)
+    return {"prompt": prompt, "completion": completion, "format": "conversational"}
+
+
+def _nothing_to_learn(example: dict) -> bool:
+    if example["format"] == "messages":
+        return _is_empty([m for m in example["messages"] if m["role"] == "assistant"])
+    return _is_empty(example["text"] if example["format"] == "text" else example["completion"])
+
+
+def normalize_instructions(rows: list[Row], strict: bool = False
+                           ) -> tuple[list[dict], NormalizeReport]:
+    """Rows -> examples; len(examples) + report.n_dropped == len(rows)."""
+    report = NormalizeReport(rows=len(rows))
+    examples = []
+    for data, origin in rows:
+        example = normalize_instruction_row(data, origin)
+        if _nothing_to_learn(example):
+            if strict:
+                raise DataError(f"{origin}: {DROP_EMPTY}; strict mode drops nothing")
+            report.record_drop(DROP_EMPTY, origin)
+            continue
+        report.formats[example["format"]] += 1
+        examples.append(example)
+    return examples, report
+
+
+# -- examples -> features -------------------------------------------------------------
+
+
+def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, list[tuple[str, str]]]:
+    """The whole rendering and, per assistant turn, (text before it, text through it)."""
+    messages, origin = example["messages"], example["origin"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{origin}: the row is conversational but the tokenizer has no chat "
+                        "template")
+    full = _apply_template(tokenizer, messages, origin)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:i], origin, add_generation_prompt=True)
+        through = _apply_template(tokenizer, messages[: i + 1], origin)
+        for text, what in ((before, "with its generation prompt"), (through, "")):
+            if not full.startswith(text):
+                raise DataError(
+                    f"{origin}: the chat template renders the conversation up to message {i} "
+                    f"{what} differently from the whole conversation, so the assistant turn "
+                    f"cannot be located; it ends {text[-40:]!r}")
+        spans.append((before, through))
+    return full, spans
+
+
+def _messages_ids(examples: list[dict], tokenizer: Any) -> list[tuple[Ids, Ids, Ids]]:
+    """(prompt ids, completion ids, completion mask) per `messages` example, untruncated."""
+    rendered = [_render_conversation(e, tokenizer) for e in examples]
+    texts = [t for full, spans in rendered for t in (full, *(x for span in spans for x in span))]
+    # One batched call: the fast tokenizer encodes the whole list in Rust.
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for _, spans in rendered:
+        full = list(next(ids))
+        mask = [0] * len(full)
+        starts = []
+        for _ in spans:
+            before, through = next(ids), next(ids)
+            start = _common_prefix(before, full)
+            end = _common_prefix(through, full)
+            # A token that merges the turn's end with the next text still holds the reply.
+            end += end < len(through)
+            mask[start:end] = [1] * (end - start)
+            starts.append(start)
+        first = starts[0]
+        out.append((full[:first], full[first:], mask[first:]))
+    return out
+
+
+def _pair_ids(examples: list[dict], tokenizer: Any) -> list[tuple[Ids, Ids, Ids]]:
+    """(prompt ids, completion ids, all-ones mask) by data.tokenize's rules; a `text` row is
+    the completion of an empty prompt (so the prompt is BOS or nothing)."""
+    as_pairs = []
+    for e in examples:
+        prompt, completion = ("", e["text"]) if e["format"] == "text" else (e["prompt"],
+                                                                           e["completion"])
+        as_pairs.append({"prompt": prompt, "chosen": completion, "rejected": completion,
+                         "origin": e["origin"]})
+    rendered, _ = render_ids(as_pairs, tokenizer)
+    return [(p, c, [1] * len(c)) for p, c, _ in rendered]
+
+
+def tokenize_instructions(
+    examples: list[dict],
+    tokenizer: Any,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = 512,
+) -> tuple[list[dict], tuple[int, int]]:
+    """Examples -> features and (prompts truncated, completions truncated).
+
+    Feature: prompt_input_ids, completion_input_ids (list[int]), completion_mask (list[int],
+    aligned with completion_input_ids: 1 = trained with completion_only_loss; all ones except
+    in the user/tool turns between assistant replies of a `messages` row) and the example's
+    source/id.
+    """
+    check_limits(max_length, max_prompt_length)
+    whole = [i for i, e in enumerate(examples) if e["format"] == "messages"]
+    pairs = [i for i, e in enumerate(examples) if e["format"] != "messages"]
+    rendered: dict[int, tuple[Ids, Ids, Ids]] = {}
+    rendered.update(zip(whole, _messages_ids([examples[i] for i in whole], tokenizer)))
+    rendered.update(zip(pairs, _pair_ids([examples[i] for i in pairs], tokenizer)))
+    features, cut_prompts, cut_completions = [], 0, 0
+    for i, example in enumerate(examples):
+        prompt, completion, mask = rendered[i]
+        p, c, _ = truncate_ids(prompt, completion, completion, max_length, max_prompt_length,
+                               tokenizer.bos_token_id)
+        cut_prompts += len(p) < len(prompt)
+        cut_completions += len(c) < len(completion)
+        feature = {"prompt_input_ids": p, "completion_input_ids": c,
+                   "completion_mask": mask[: len(c)]}
+        feature.update({k: example[k] for k in _KEPT if k in example})
+        features.append(feature)
+    return features, (cut_prompts, cut_completions)
+
+
+def load_instructions(
+    source: Any,
+    tokenizer: Any,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = 512,
+    strict: bool = False,
+    split: str = "train",
+) -> tuple[list[dict], InstructionReport]:
+    """Load, normalise and tokenize `source` -> (features, report).
+
+    Raises DataError when no row is left, since there is nothing to train on.
+    """
+    name = "<list>" if isinstance(source, (list, tuple)) else str(source)
+    examples, norm = normalize_instructions(load_rows(source, split=split), strict=strict)
+    if not examples:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in norm.dropped.most_common())
+        raise DataError(f"{name}: all {norm.rows} rows were dropped ({reasons})")
+    features, (cut_prompts, cut_completions) = tokenize_instructions(
+        examples, tokenizer, max_length, max_prompt_length)
+    report = InstructionReport(
+        source=name, normalize=norm, truncated_prompts=cut_prompts,
+        truncated_completions=cut_completions,
+        completion_tokens=sum(loss_token_count(f, True) for f in features))
+    return features, report
+
+
+# -- features -> batch ----------------------------------------------------------------
+
+
+def loss_mask(feature: dict, completion_only_loss: bool = True) -> list[int]:
+    """(len(prompt) + len(completion),) 1 on the tokens that get loss (before the shift)."""
+    n_prompt, n_completion = len(feature["prompt_input_ids"]), len(feature["completion_input_ids"])
+    if not completion_only_loss:
+        return [1] * (n_prompt + n_completion)
+    return [0] * n_prompt + list(feature["completion_mask"])
+
+
+def loss_token_count(feature: dict, completion_only_loss: bool = True) -> int:
+    """Tokens the loss averages over: the loss mask without position 0, which no prefix
+    predicts (logprobs.completion_logps drops it the same way)."""
+    return sum(loss_mask(feature, completion_only_loss)[1:])
+
+
+def collate_instructions(features: list[dict], pad_token_id: int,
+                         completion_only_loss: bool = True) -> dict[str, Any]:
+    """B features -> batch dict, right padded (as TRL's DataCollatorForLanguageModeling).
+
+    input_ids, attention_mask (B, T) long; completion_mask (B, T) bool: True on the tokens
+    that get loss (loss_mask), never on padding; source and id lists when present.
+    """
+    if not features:
+        raise ValueError("collate_instructions needs at least one feature")
+    sequences = [list(f["prompt_input_ids"]) + list(f["completion_input_ids"]) for f in features]
+    input_ids, attention_mask = _pad(sequences, pad_token_id, "right", None)
+    completion_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for row, feature in enumerate(features):
+        mask = loss_mask(feature, completion_only_loss)
+        completion_mask[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                             "completion_mask": completion_mask}
+    batch.update(_collate_kept_columns(features))
+    return batch

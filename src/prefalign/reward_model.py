@@ -1,0 +1,176 @@
+"""The reward model: a causal LM's backbone plus a scalar head on the last real token.
+
+    reward(x) = w . h_last(x)        h_last (H,): the backbone's last hidden state at the last
+                                     real token of x;  w (1, H): the `score` head
+
+The artifact is a Hugging Face sequence-classification directory (LlamaForSequenceClassification,
+GPT2ForSequenceClassification, ...: backbone keys under the architecture's prefix, `score.weight`,
+config with `num_labels=1` and `pad_token_id`), so `AutoModelForSequenceClassification` and
+TRL load it and compute the same scores.
+
+Which token is "last": HF's sequence-classification models take the rightmost position whose
+id is not `config.pad_token_id`. prefalign uses the same rule (restricted to attended
+positions), so both agree under left and right padding. When pad == eos (GPT-2, Llama
+tokenizers without a pad token) a trailing EOS counts as padding in HF, and so here: the
+reward is read at the token before it, in training and in every later use alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from prefalign.errors import PrefalignError
+from prefalign.logprobs import position_ids_from_mask
+
+
+def last_token_index(input_ids: Tensor, attention_mask: Tensor,
+                     pad_token_id: int | None) -> Tensor:
+    """(B, T) ids and mask -> (B,) long: the rightmost attended position whose id != pad.
+
+    HF's rule (GenericForSequenceClassification): argmax of position * is_real, which is 0
+    for a row with no real token. pad_token_id=None: the last attended position.
+    """
+    real = attention_mask.bool()
+    if pad_token_id is not None:
+        real = real & (input_ids != pad_token_id)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * real).argmax(-1)
+
+
+def _classification_shell(config, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The architecture's *ForSequenceClassification with num_labels=1, weights on `meta`
+    (no memory): its class, key prefix, head shape and head initialisation are what we need."""
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    try:
+        with init_empty_weights():
+            return AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise PrefalignError(f"model type {config.model_type!r} has no sequence-classification "
+                             f"class in transformers, so it cannot be a reward model: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+class RewardModel(nn.Module):
+    """backbone (the transformer of a causal LM, no LM head) + score: nn.Linear(H, 1).
+
+    forward(input_ids (B, T), attention_mask (B, T)) -> rewards (B,) float32. Position ids
+    come from the attention mask, so left- and right-padded batches give the same rewards.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, score: nn.Linear, pad_token_id: int | None,
+                 trust_remote_code: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.score = score
+        self.pad_token_id = pad_token_id
+        self.trust_remote_code = trust_remote_code
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel, pad_token_id: int | None,
+                       trust_remote_code: bool = False) -> RewardModel:
+        """The causal LM's backbone (`model.base_model`) with a fresh head, initialised as
+        HF initialises the `score` of a sequence-classification model (normal with the
+        config's initializer_range for Llama/GPT-2), which is also TRL's starting point."""
+        backbone = model.base_model
+        if backbone is model:
+            raise PrefalignError(f"{type(model).__name__} exposes no separate backbone "
+                                 "(base_model); a reward model needs a causal LM with a head")
+        shell = _classification_shell(backbone.config, trust_remote_code)
+        like = backbone.get_input_embeddings().weight
+        head = shell.score
+        score = nn.Linear(head.in_features, 1, bias=head.bias is not None,
+                          device=like.device, dtype=like.dtype)
+        shell._init_weights(score)
+        return cls(backbone, score, pad_token_id, trust_remote_code)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        last = last_token_index(input_ids, attention_mask, self.pad_token_id)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    def to_sequence_classification(self) -> PreTrainedModel:
+        """An HF *ForSequenceClassification holding this model's modules (shared, not copied).
+
+        LoRA layers must be merged away first (lora.unload_lora), or the saved keys are
+        PEFT's wrapped names that transformers does not know.
+        """
+        shell = _classification_shell(self.config, self.trust_remote_code)
+        setattr(shell, shell.base_model_prefix, self.backbone)
+        shell.score = self.score
+        left = [n for n, p in shell.named_parameters() if p.is_meta]
+        if left:
+            raise PrefalignError(f"{type(shell).__name__} has parameters besides the backbone "
+                                 f"and `score` ({left[:3]}); saving it is not supported")
+        config = shell.config
+        config.pad_token_id = self.pad_token_id
+        config.get_text_config().pad_token_id = self.pad_token_id
+        config.use_cache = True
+        return shell
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write an HF sequence-classification directory (+ the tokenizer when given)."""
+        from prefalign.lora import has_lora
+
+        if has_lora(self.backbone):
+            raise ValueError("merge the LoRA layers first: lora.unload_lora(model.backbone)")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.to_sequence_classification().save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
+
+def is_sequence_classification_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text("utf-8")).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_reward_model(path: str | Path, tokenizer=None,
+                      trust_remote_code: bool = False) -> RewardModel:
+    """A RewardModel from a reward-model directory (HF sequence classification, e.g.
+    OUTPUT/final of `prefalign reward`), a causal LM directory (fresh head) or a PEFT
+    adapter directory such as an SFT output (merged onto its base, fresh head).
+
+    The pad id: the saved config's (what HF reads), else the tokenizer's; the tokenizer is
+    loaded from `path` when not given.
+    """
+    from prefalign.models import load_causal_lm, load_tokenizer
+
+    path = str(path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    if not is_sequence_classification_dir(path):
+        model = load_causal_lm(path, trust_remote_code)
+        return RewardModel.from_causal_lm(model, tokenizer.pad_token_id, trust_remote_code)
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PrefalignError(f"cannot load a reward model from {path}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    score = getattr(hf, "score", None)
+    if not isinstance(score, nn.Linear) or score.out_features != 1:
+        raise PrefalignError(f"{path}: {type(hf).__name__} has no scalar `score` head")
+    pad = hf.config.get_text_config().pad_token_id
+    return RewardModel(hf.base_model, score, tokenizer.pad_token_id if pad is None else pad,
+                       trust_remote_code)
