@@ -367,3 +367,14 @@ def test_load_adapter_errors(make_model, tmp_path):
                  {k: v for k, v in weights.items() if k != dropped})
     with pytest.raises(ValueError, match="already has LoRA"):
         load_adapter(model, tmp_path)
+
+
+def test_lora_layers_follow_the_models_mode(make_model):
+    """A model in eval mode gets LoRA layers in eval mode: no dropout at inference."""
+    from prefalign.lora import apply_lora, lora_layers
+
+    model = make_model("llama").eval()
+    apply_lora(model, r=4, dropout=0.5)
+    assert not any(layer.training for layer in lora_layers(model).values())
+    model.train()
+    assert all(layer.training for layer in lora_layers(model).values())

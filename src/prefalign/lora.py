@@ -238,7 +238,9 @@ def apply_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+        layer = LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora)
+        # A new module starts in training mode; follow the model's (eval: no LoRA dropout).
+        setattr(parent, child, layer.train(model.training))
     model.lora_settings = LoRASettings(targets, r, alpha, dropout, use_rslora)
     return model
 

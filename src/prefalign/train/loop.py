@@ -163,7 +163,8 @@ class Trainer:
             with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 loss, metrics = self.algorithm.compute_loss(self.model, batch)
                 # DDP averages gradients over processes: scale the share back up by P.
-                acc.backward(loss * (units / total_units) * acc.num_processes)
+                share = units / total_units if total_units else 0.0  # no loss tokens at all
+                acc.backward(loss * share * acc.num_processes)
             loss_sum = loss_sum + loss.detach() * units
             self.window.add({"loss": loss.detach(), **metrics}, weight=units)
         grad_norm = None
