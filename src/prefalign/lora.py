@@ -181,7 +181,7 @@ def find_target_modules(model: nn.Module, names: Sequence[str] | str) -> list[st
     ("q_proj", "attn.c_proj"); a single string is a regex on the whole name, as in PEFT.
     "all-linear" means every linear layer except the output embedding (PEFT's meaning).
     """
-    if names == "all-linear":
+    if names == "all-linear" or (not isinstance(names, str) and list(names) == ["all-linear"]):
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return [n for n, m in _linear_modules(model) if m is not out]
     return [n for n, _ in _linear_modules(model) if _matches(n, names)]
