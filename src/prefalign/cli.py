@@ -33,6 +33,8 @@ TRAINERS = {
                "train a reward model (Bradley-Terry) on preference pairs"),
     "ppo": ("prefalign.algorithms.ppo", "PPOConfig", "run_ppo",
             "PPO against a reward model or a scoring function"),
+    "iterate": ("prefalign.algorithms.iterate", "IterateConfig", "run_iterate",
+                "iterative DPO: rounds of sampling from the policy, scoring and DPO"),
 }
 
 
@@ -73,6 +75,18 @@ def _data_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from prefalign.preferences.best_of_n import run
+
+    return run(args)
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from prefalign.preferences.judge import run
+
+    return run(args)
+
+
 def _score(args: argparse.Namespace) -> int:
     from prefalign.algorithms.reward import score_file
 
@@ -86,6 +100,13 @@ def _demo(args: argparse.Namespace) -> int:
     from prefalign.demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from prefalign.evaluation.evaluate import run_evaluate
+
+    run_evaluate(args)
     return 0
 
 
@@ -187,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.set_defaults(func=_demo)
 
+    from prefalign.evaluation.evaluate import DESCRIPTION, add_arguments
+
+    evaluate = sub.add_parser(
+        "evaluate", help="compare models on the same prompts: rewards, win rates, KL, "
+        "diversity; writes report.json, report.md and report.html", description=DESCRIPTION)
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error")
+    add_arguments(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+
     from prefalign.preferences import annotate as annotate_module
 
     annotate = sub.add_parser("annotate", help="rank generated candidates by hand in the terminal",
@@ -195,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show the full traceback of an error")
     annotate_module.add_arguments(annotate)
     annotate.set_defaults(func=_annotate)
+
+    from prefalign.preferences import best_of_n as best_of_n_module
+    from prefalign.preferences import judge as judge_module
+
+    generate = sub.add_parser("generate", help="best-of-N preference pairs: sample, score, pair",
+                              description=best_of_n_module.DESCRIPTION)
+    generate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error")
+    best_of_n_module.add_arguments(generate)
+    generate.set_defaults(func=_generate)
+
+    judge = sub.add_parser("judge", help="rank candidates with a judge model (local or "
+                           "OpenAI-compatible) and write the implied pairs",
+                           description=judge_module.DESCRIPTION)
+    judge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    judge_module.add_arguments(judge)
+    judge.set_defaults(func=_judge)
     return parser
 
 

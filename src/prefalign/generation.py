@@ -354,7 +354,7 @@ def _keeps_logits(model: nn.Module) -> bool:
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
-    progress: bool | None = None,
+    progress: bool | None = None, seed_indices: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Sample sampling.n responses per prompt; returns len(prompts) * n Generations in the
     order (prompt 0, candidate 0), (prompt 0, candidate 1), ..., (prompt 1, candidate 0), ...
@@ -363,7 +363,9 @@ def generate(
     adapters apply unless the call sits inside `disable_adapters(model)`. Prompts are
     grouped longest first, sampling.batch_size at a time, to waste little on padding: the
     grouping never changes a result (see the module docstring). progress: a tqdm bar over
-    prompts; None shows it when there is more than one batch.
+    prompts; None shows it when there is more than one batch. seed_indices: the index each
+    prompt's noise is keyed by (default its position), so that a subset of a prompt set
+    samples exactly what the whole set would; Generation.prompt_index reports it.
     """
     cfg = sampling
     prompt_ids = render_prompts(tokenizer, prompts)
@@ -374,12 +376,17 @@ def generate(
     batches = [order[k : k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
     results: list[Generation | None] = [None] * (len(prompt_ids) * cfg.n)
     show = len(batches) > 1 if progress is None else progress
+    keys = list(seed_indices) if seed_indices is not None else list(range(len(prompt_ids)))
+    if len(keys) != len(prompt_ids) or len(set(keys)) != len(keys):
+        raise ValueError("seed_indices must give one distinct index per prompt")
+    position = {key: i for i, key in enumerate(keys)}
     with _eval_mode(model), tqdm(total=len(prompt_ids), desc="generate", unit="prompt",
                                  disable=not show) as bar:
         for indices in batches:
             chunk = [prompt_ids[i] for i in indices]
-            for g in _generate_batch(model, tokenizer, chunk, indices, cfg, eos_ids, stop_ids):
-                results[g.prompt_index * cfg.n + g.candidate] = g
+            chunk_keys = [keys[i] for i in indices]
+            for g in _generate_batch(model, tokenizer, chunk, chunk_keys, cfg, eos_ids, stop_ids):
+                results[position[g.prompt_index] * cfg.n + g.candidate] = g
             bar.update(len(indices))
     return results  # type: ignore[return-value]
 

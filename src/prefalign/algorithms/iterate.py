@@ -1,0 +1,251 @@
+"""Iterative DPO: rounds of sampling from the current policy, scoring, and DPO on the pairs.
+
+    prefalign iterate --model runs/sft/final --data prompts.jsonl --scorer runs/rm/final \\
+        --rounds 3 --num-candidates 4 --output-dir runs/iter
+    prefalign iterate --config configs/dpo.yaml --model M --data P --scorer S   # a DPO YAML
+
+Round r starts from the policy that round r - 1 trained (round 1 from --model). It samples
+num_candidates responses per prompt from that policy (preferences.best_of_n), scores them,
+pairs them, and runs DPO starting from that policy, which is also the round's reference: each
+round moves a bounded step from where it began. An adapter directory is merged into its base
+when loaded (models.load_causal_lm), so round r's `dpo/final` is a valid model for round r + 1.
+
+Every DPO option is an iterate option (a DPO YAML works as --config as it is); `data` holds
+the prompts. OUTPUT/round-R/ holds pairs.jsonl, pairs.candidates.jsonl (every sample with
+its score and log-probs) and dpo/ (a DPO run). OUTPUT/rounds.jsonl gets one record per
+round, printed as well, to show when gains level off:
+  mean_score    mean score of the round's samples, i.e. of the policy the round starts from
+  score_gain    mean_score minus the previous record's: what the previous round's DPO gained
+  kl_to_start   mean over samples of sum_t (log pi_round - log pi_start), a sample estimate of
+                KL(pi_round || pi_start) against the --model policy (both at the sampling
+                temperature; 0 in round 1)
+  pairs, dpo_loss_first, dpo_loss_last, dpo_accuracy_last
+With evaluate_final a last record (stage "final") samples the last round's output, so the
+last DPO's gain shows too. A stopped run continues with the same command: finished rounds
+are skipped, generation resumes per batch, and a round whose DPO has a final/ keeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.algorithms.dpo import DPOConfig, run_dpo
+from prefalign.config import option, require, save_config
+from prefalign.errors import PrefalignError
+from prefalign.preferences.best_of_n import PAIRINGS, generate_preferences, sidecar
+
+
+@dataclass
+class IterateConfig(DPOConfig):
+    data: str = option("", "prompts to sample from each round (rows with prompt or messages, "
+                       "or preference rows, whose prompts are used)")
+    rounds: int = option(2, "rounds of generate -> score -> DPO")
+    scorer: str = option("", "what scores samples: a reward-model directory or a scorer spec "
+                         "(see prefalign generate --help)")
+    num_candidates: int = option(4, "samples per prompt per round")
+    prompts_per_round: int | None = option(
+        None, "prompts per round, taken in turn through the data; none = every prompt")
+    max_new_tokens: int = option(128, "tokens per sample")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    generation_batch_size: int = option(8, "prompts per generation batch")
+    pairing: str = option("extremes", "how samples are paired (see prefalign generate)",
+                          choices=PAIRINGS)
+    min_gap: float = option(0.0, "smallest score gap of a pair")
+    evaluate_final: bool = option(True, "after the last round, sample and score its model once")
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.data), "data", "is required (--data PROMPTS)")
+        require(bool(self.scorer), "scorer", "is required: a reward-model directory or a spec")
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.num_candidates >= 2, "num_candidates", "must be >= 2 to make pairs")
+        require(self.prompts_per_round is None or self.prompts_per_round >= 1,
+                "prompts_per_round", "must be >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0: greedy samples are all alike")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.min_gap >= 0, "min_gap", "must be >= 0")
+        require(self.ref_model is None, "ref_model", "is not used: each round's reference is "
+                "the model the round starts from")
+        require(not self.reference_free, "loss_type", f"{self.loss_type} has no reference; "
+                "iterate's rounds are defined by theirs")
+
+
+def round_prompts(prompts: list[dict], config: IterateConfig, round_number: int) -> list[dict]:
+    """The prompts of round r (from 1): all, or the next prompts_per_round in turn."""
+    k = config.prompts_per_round
+    if k is None:
+        return prompts
+    start = (round_number - 1) * k
+    return [prompts[(start + i) % len(prompts)] for i in range(k)]
+
+
+def logp_fields(policy: torch.nn.Module, start: torch.nn.Module, pad_token_id: int,
+                temperature: float, per_prompt: int, batch_rows: int):
+    """candidate_fields for generate_preferences: each sample's summed log-prob under the
+    policy that drew it and under the start model, recomputed by the one log-prob routine
+    at the sampling temperature (what KL(pi_T || pi_start,T) needs)."""
+    from prefalign.generation import collate_generations
+    from prefalign.logprobs import completion_logps
+
+    device = next(policy.parameters()).device
+
+    @torch.no_grad()
+    def fields(generations: list[Any]) -> list[dict]:
+        sums: dict[str, list[float]] = {"logp_policy": [], "logp_start": []}
+        for lo in range(0, len(generations), batch_rows):
+            batch = collate_generations(generations[lo:lo + batch_rows], pad_token_id)
+            inputs = [batch[k].to(device) for k in
+                      ("input_ids", "attention_mask", "completion_mask")]
+            for name, model in (("logp_policy", policy), ("logp_start", start)):
+                out = completion_logps(model, *inputs, temperature=temperature)
+                sums[name] += out.logps.float().cpu().tolist()
+        n = per_prompt
+        return [{k: v[i * n:(i + 1) * n] for k, v in sums.items()}
+                for i in range(len(generations) // n)]
+
+    return fields
+
+
+def round_stats(pairs_path: Path) -> dict[str, Any]:
+    """mean_score, kl_to_start, samples and pairs, read back from a round's files."""
+    scores, kls = [], []
+    for line in sidecar(pairs_path, ".candidates.jsonl").read_text("utf-8").splitlines():
+        row = json.loads(line)
+        scores += row["scores"]
+        kls += [p - s for p, s in zip(row["logp_policy"], row["logp_start"])]
+    with open(pairs_path, encoding="utf-8") as handle:
+        pairs = sum(1 for line in handle if line.strip())
+    mean = sum(scores) / max(len(scores), 1)
+    return {"samples": len(scores), "mean_score": mean,
+            "score_std": (sum((s - mean) ** 2 for s in scores) / max(len(scores), 1)) ** 0.5,
+            "kl_to_start": sum(kls) / max(len(kls), 1), "pairs": pairs}
+
+
+def dpo_stats(dpo_dir: Path) -> dict[str, Any]:
+    from prefalign.train.metrics import read_metrics
+
+    path = dpo_dir / "metrics.jsonl"
+    logged = [m for m in read_metrics(path) if "loss" in m] if path.exists() else []
+    if not logged:
+        return {"dpo_loss_first": None, "dpo_loss_last": None, "dpo_accuracy_last": None}
+    return {"dpo_loss_first": logged[0]["loss"], "dpo_loss_last": logged[-1]["loss"],
+            "dpo_accuracy_last": logged[-1].get("rewards/accuracies")}
+
+
+def format_record(record: dict[str, Any], rounds: int) -> str:
+    """'round 2/3: mean score 0.4210 (+0.1032), KL to start 1.234, 24 pairs, DPO loss ...'"""
+    name = "final" if record["stage"] == "final" else f"round {record['round']}/{rounds}"
+    gain = record.get("score_gain")
+    text = (f"{name}: mean score {record['mean_score']:.4f}"
+            + (f" ({gain:+.4f})" if gain is not None else "")
+            + f", KL to start {record['kl_to_start']:.3f} over {record['samples']} samples")
+    if record["stage"] == "round":
+        text += f", {record['pairs']} pairs"
+        if record.get("dpo_loss_first") is not None:
+            text += (f", DPO loss {record['dpo_loss_first']:.4f} -> "
+                     f"{record['dpo_loss_last']:.4f}")
+    return text
+
+
+def _final_exists(final: Path) -> bool:
+    return (final / "adapter_config.json").is_file() or (final / "config.json").is_file()
+
+
+def _append_record(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a record cut by a crash is written again
+            break
+    return records
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_iterate(config: IterateConfig, accelerator: Any = None) -> list[dict[str, Any]]:
+    """`prefalign iterate`: run the rounds (see the module docstring); returns the records."""
+    from prefalign.algorithms.runner import model_reference
+    from prefalign.data.prompts import load_prompts
+    from prefalign.models import load_causal_lm, load_tokenizer
+    from prefalign.preferences.scorers import load_scorer
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    log = out / "rounds.jsonl"
+    records = _read_records(log)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    done = {(r["stage"], r["round"]) for r in records}
+    prompts = [{k: p[k] for k in ("prompt", "id") if k in p} for p in load_prompts(config.data)]
+    scorer = load_scorer(config.scorer)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = load_causal_lm(config.model, config.trust_remote_code).to(device).eval()
+    dpo_fields = [f.name for f in dataclasses.fields(DPOConfig) if f.init]
+    stages = [("round", r) for r in range(1, config.rounds + 1)]
+    stages += [("final", config.rounds + 1)] if config.evaluate_final else []
+    for stage, r in stages:
+        if (stage, r) in done:
+            continue
+        policy_path = config.model if r == 1 else str(out / f"round-{r - 1}" / "dpo" / "final")
+        round_dir = out / (f"round-{r}" if stage == "round" else "final-eval")
+        policy = start if r == 1 else load_causal_lm(policy_path, config.trust_remote_code)
+        policy.to(device).eval()
+        pairs_path = round_dir / "pairs.jsonl"
+        generate_preferences(
+            policy, round_prompts(prompts, config, r), pairs_path, scorer,
+            num_candidates=config.num_candidates, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p, seed=config.seed + r,
+            batch_size=config.generation_batch_size, pairing=config.pairing,
+            min_gap=config.min_gap, keep_candidates=True, tokenizer=tokenizer,
+            candidate_fields=logp_fields(policy, start, tokenizer.pad_token_id,
+                                         config.temperature, config.num_candidates,
+                                         config.generation_batch_size * config.num_candidates))
+        policy = None  # only the start model stays loaded while DPO trains
+        _release_memory()
+        record = {"stage": stage, "round": r, "policy": model_reference(policy_path),
+                  **round_stats(pairs_path)}
+        previous = records[-1]["mean_score"] if records else None
+        record["score_gain"] = None if previous is None else record["mean_score"] - previous
+        if stage == "round":
+            if record["pairs"] == 0:
+                raise PrefalignError(f"round {r}: no preference pairs in {pairs_path} (every "
+                                     "candidate tied or was identical); use more candidates, "
+                                     "a higher temperature or a finer-grained scorer")
+            dpo_dir = round_dir / "dpo"
+            if not _final_exists(dpo_dir / "final"):
+                values = {name: getattr(config, name) for name in dpo_fields}
+                values.update(model=policy_path, data=str(pairs_path), output_dir=str(dpo_dir))
+                dpo_config = DPOConfig(**values)
+                dpo_config.validate()
+                run_dpo(dpo_config, accelerator)
+            record.update(dpo_output=str(dpo_dir / "final"), **dpo_stats(dpo_dir))
+        _append_record(log, record)
+        records.append(record)
+        print(format_record(record, config.rounds), flush=True)
+    return records

@@ -1,0 +1,7 @@
+"""Evaluation: sample from models, score and compare them, and write the report."""
+
+from prefalign.evaluation.evaluate import METRICS, EvalResult, compute_metrics, evaluate
+from prefalign.evaluation.report import load_run_curves, write_report
+
+__all__ = ["METRICS", "EvalResult", "compute_metrics", "evaluate", "load_run_curves",
+           "write_report"]

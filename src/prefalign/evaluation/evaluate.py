@@ -1,0 +1,408 @@
+"""`prefalign evaluate`: sample from several models on the same prompts and compare them.
+
+Every model answers the same prompts with the same SamplingConfig (same seed), so sample
+(prompt i, candidate j) of two models differs only through the models: generation.py draws
+a row's noise from (seed, i, j) alone. Per model:
+
+  reward/*, win_rate/reward   reward-model scores (mean, median) and the win rate against
+                              the baseline model: sample (i, j) against the baseline's
+                              sample (i, j), a tie counting 1/2
+  score/*, win_rate/score     the same with a scorer (a rule, a function, a reward model)
+  kl                          KL(model || reference) in nats per response, estimated from
+                              the model's own samples: mean over samples of
+                              sum_t [log p_model(y_t | .) - log p_ref(y_t | .)], both at
+                              temperature 1 (completion_logps). The samples come from the
+                              sampling distribution (temperature, top-p), so this is the KL
+                              of the model itself only when those are 1; it is what the
+                              frontier plots whatever they are, for every model alike.
+  length, finished_rate       response tokens (EOS included) and the fraction of responses
+                              that ended with EOS or a stop string
+  distinct_1, distinct_2      over all responses; self_bleu across prompts (first sample
+                              of each prompt), self_bleu_per_prompt among a prompt's samples
+                              (n > 1 only); see evaluation.metrics
+
+Models are loaded one at a time next to the reference, so at most two are in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.errors import ConfigError, DataError
+from prefalign.evaluation import metrics as M
+from prefalign.generation import Generation, SamplingConfig, collate_generations, generate
+
+# name -> (table label, description); the order is the comparison table's.
+METRICS: dict[str, tuple[str, str]] = {
+    "reward/mean": ("reward", "mean reward-model score"),
+    "reward/median": ("reward median", "median reward-model score"),
+    "win_rate/reward": ("win rate (RM)", "win rate against the baseline by reward-model "
+                        "score, same prompt and sample; ties count 1/2"),
+    "score/mean": ("score", "mean scorer value"),
+    "score/median": ("score median", "median scorer value"),
+    "win_rate/score": ("win rate (scorer)", "win rate against the baseline by scorer value; "
+                       "ties count 1/2"),
+    "kl": ("KL", "KL(model || reference) in nats per response: mean over the model's samples "
+           "of log p_model - log p_ref summed over response tokens (temperature 1)"),
+    "length": ("length", "mean response length in tokens, EOS included"),
+    "finished_rate": ("finished", "fraction of responses that ended with EOS or a stop string"),
+    "distinct_1": ("distinct-1", "distinct words / all words over every response"),
+    "distinct_2": ("distinct-2", "distinct word bigrams / all bigrams over every response"),
+    "self_bleu": ("self-BLEU", "mean BLEU-4 of each prompt's first response against the other "
+                  "prompts' (high = repetitive)"),
+    "self_bleu_per_prompt": ("self-BLEU per prompt", "mean BLEU-4 among the samples of one "
+                             "prompt, averaged over prompts (n > 1 only)"),
+}
+
+
+@dataclass
+class EvalResult:
+    """metrics[model][name] (None where it does not apply), every sample per model (dicts as
+    in samples.jsonl), the report.json content and the written files."""
+
+    metrics: dict[str, dict[str, float | None]]
+    samples: dict[str, list[dict[str, Any]]]
+    report: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def html(self) -> Path:
+        return self.paths["html"]
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
+
+def prompt_list(prompts: Any) -> list[str | list[dict]]:
+    """A prompt file (anything data.prompts.load_prompts reads) or a list of prompts (text,
+    chat messages, or rows with a `prompt` field) -> the prompts."""
+    if isinstance(prompts, (str, Path)):
+        from prefalign.data.prompts import load_prompts
+
+        return [row["prompt"] for row in load_prompts(str(prompts))]
+    out = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+    if not out:
+        raise DataError("evaluate: no prompts")
+    return out
+
+
+def prompt_display(prompt: str | Sequence[dict]) -> str:
+    """Readable prompt text for reports: chat messages become 'role: content' lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
+
+
+@torch.no_grad()
+def sequence_logps(model: torch.nn.Module, generations: Sequence[Generation], pad_token_id: int,
+                   batch_size: int = 16) -> list[float]:
+    """Summed temperature-1 log-probs of each generation's response tokens under `model`."""
+    from prefalign.algorithms.reference import eval_mode
+    from prefalign.logprobs import completion_logps
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with eval_mode(model):
+        for start in range(0, len(generations), batch_size):
+            batch = collate_generations(generations[start : start + batch_size], pad_token_id)
+            result = completion_logps(model, batch["input_ids"].to(device),
+                                      batch["attention_mask"].to(device),
+                                      batch["completion_mask"].to(device))
+            out.extend(result.logps.double().cpu().tolist())
+    return out
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def _sample_models(models: Mapping[str, str], prompts: list, ref_path: str,
+                   sampling: SamplingConfig, device: str, progress: bool,
+                   trust_remote_code: bool) -> dict[str, list[dict[str, Any]]]:
+    """Generate from every model and attach log-probs under it and under the reference."""
+    from prefalign.models import load_causal_lm, load_tokenizer
+
+    ref_model = load_causal_lm(ref_path, trust_remote_code).to(device)
+    ref_tok = load_tokenizer(ref_path, trust_remote_code)
+    ref_key = Path(ref_path).resolve()
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for k, (name, path) in enumerate(models.items(), start=1):
+        _say(progress, f"[{k}/{len(models)}] {name}: sampling {len(prompts)} prompts x "
+             f"{sampling.n} from {path}")
+        same = Path(path).resolve() == ref_key
+        model = ref_model if same else load_causal_lm(path, trust_remote_code).to(device)
+        tokenizer = ref_tok if same else load_tokenizer(path, trust_remote_code)
+        gens = generate(model, tokenizer, prompts, sampling, progress=progress)
+        pad = tokenizer.pad_token_id
+        rows = 2 * sampling.batch_size
+        logps = sequence_logps(model, gens, pad, rows)
+        if same:
+            ref_logps: list[float | None] = list(logps)  # the same weights: KL exactly 0
+        elif _same_vocab(tokenizer, ref_tok):
+            ref_logps = sequence_logps(ref_model, gens, pad, rows)
+        else:
+            _say(progress, f"{name}: its vocabulary differs from the reference's; no KL")
+            ref_logps = [None] * len(gens)
+        samples[name] = [
+            {"prompt_index": g.prompt_index, "candidate": g.candidate, "text": g.text,
+             "length": len(g.response_ids), "finished": g.finished,
+             "finish_reason": g.finish_reason, "logp": lp, "ref_logp": rl}
+            for g, lp, rl in zip(gens, logps, ref_logps)
+        ]
+        if not same:
+            del model
+    return samples
+
+
+@torch.no_grad()
+def _attach_scores(samples: dict[str, list[dict]], prompts: list, key: str,
+                   score: Callable[[list, list[str]], list[float]], progress: bool) -> None:
+    for name, rows in samples.items():
+        _say(progress, f"{name}: {key} of {len(rows)} responses")
+        values = score([prompts[r["prompt_index"]] for r in rows], [r["text"] for r in rows])
+        for row, value in zip(rows, values):
+            row[key] = float(value)
+
+
+def compute_metrics(samples: Mapping[str, list[dict[str, Any]]], baseline: str,
+                    ) -> dict[str, dict[str, float | None]]:
+    """Per model, every METRICS entry from its samples (see the module docstring).
+
+    A sample dict holds prompt_index, candidate, text, length, finished, logp, ref_logp
+    (None: no KL) and optionally reward and score. Every model has the same (prompt,
+    candidate) rows in the same order, the baseline's included.
+    """
+    base = samples[baseline]
+    out = {}
+    for name, rows in samples.items():
+        m: dict[str, float | None] = dict.fromkeys(METRICS)
+        for key in ("reward", "score"):
+            if rows and all(key in r for r in rows):
+                values = [r[key] for r in rows]
+                stats = M.summarize(values)
+                m[f"{key}/mean"], m[f"{key}/median"] = stats["mean"], stats["median"]
+                m[f"win_rate/{key}"] = M.win_rate(values, [r[key] for r in base])
+        if all(r["ref_logp"] is not None for r in rows):
+            m["kl"] = M.kl_from_samples([r["logp"] for r in rows], [r["ref_logp"] for r in rows])
+        m["length"] = statistics.fmean(r["length"] for r in rows)
+        m["finished_rate"] = statistics.fmean(float(r["finished"]) for r in rows)
+        texts = [r["text"] for r in rows]
+        m["distinct_1"], m["distinct_2"] = M.distinct_n(texts, 1), M.distinct_n(texts, 2)
+        m["self_bleu"] = M.self_bleu([r["text"] for r in rows if r["candidate"] == 0])
+        groups: dict[int, list[str]] = {}
+        for r in rows:
+            groups.setdefault(r["prompt_index"], []).append(r["text"])
+        if any(len(g) > 1 for g in groups.values()):
+            m["self_bleu_per_prompt"] = M.grouped_self_bleu(list(groups.values()))
+        out[name] = m
+    return out
+
+
+def _write(report: dict[str, Any], samples: Mapping[str, list[dict]], prompts: list,
+           out: Path) -> dict[str, Path]:
+    """samples.jsonl (one line per sample, with its model and prompt) and the report files."""
+    from prefalign.evaluation.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as handle:
+        for name, rows in samples.items():
+            for r in rows:
+                handle.write(json.dumps({"model": name, "prompt": prompt_display(
+                    prompts[r["prompt_index"]]), **r}) + "\n")
+    paths = write_report(report, out)
+    paths["samples"] = out / "samples.jsonl"
+    return paths
+
+
+def _scorer_name(scorer: Any) -> str | None:
+    if scorer is None or isinstance(scorer, str):
+        return scorer
+    return getattr(scorer, "name", None) or getattr(scorer, "__name__", type(scorer).__name__)
+
+
+def _resolve_names(models: Mapping[str, str], reference: str | None, baseline: str | None
+                   ) -> tuple[str, str, str]:
+    """(reference path, reference name or the path, baseline name)."""
+    if not models:
+        raise ConfigError("evaluate: give at least one model (name -> directory)")
+    first = next(iter(models))
+    baseline = baseline or first
+    if baseline not in models:
+        raise ConfigError(f"evaluate: baseline {baseline!r} is not one of the models "
+                          f"({', '.join(models)})")
+    reference = reference or first
+    if reference in models:
+        return str(models[reference]), reference, baseline
+    if not Path(reference).exists():
+        raise ConfigError(f"evaluate: reference {reference!r} is neither a model name "
+                          f"({', '.join(models)}) nor an existing directory")
+    return str(reference), str(reference), baseline
+
+
+def evaluate(
+    models: Mapping[str, str | Path],
+    prompts: Any,
+    output_dir: str | Path,
+    reward_model: str | Path | None = None,
+    scorer: Any = None,
+    reference: str | None = None,
+    baseline: str | None = None,
+    sampling: SamplingConfig | None = None,
+    runs: Mapping[str, str | Path] | None = None,
+    frontier: Mapping[str, Sequence[Sequence]] | None = None,
+    findings: Sequence[str] = (),
+    num_examples: int = 3,
+    device: str | None = None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Sample, score and compare `models` (name -> model or adapter directory); write
+    report.json, report.md, report.html, the plots and samples.jsonl to output_dir.
+
+    reward_model: a reward-model directory (metrics reward/*); scorer: a scorer spec,
+    Scorer or function (prompts, responses) -> numbers (metrics score/*). reference: a
+    model name or a directory (default the first model); baseline: the model win rates are
+    measured against (default the first). runs: name -> training output dir (or its
+    metrics.jsonl) whose curves the report plots. frontier: extra reward-vs-KL curves,
+    label -> [(kl, reward) or (kl, reward, point label)], on the scale of the frontier's
+    y axis (the reward model's mean, else the scorer's). findings: lines shown first.
+    """
+    from prefalign.evaluation.report import example_table, load_run_curves, normalize_frontier
+
+    models = {str(k): str(v) for k, v in models.items()}
+    ref_path, ref_name, baseline = _resolve_names(models, reference, baseline)
+    prompts = prompt_list(prompts)
+    sampling = sampling or SamplingConfig()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Everything that can fail on a typo fails here, before minutes of sampling.
+    curves = {name: load_run_curves(path) for name, path in (runs or {}).items()}
+    sweeps = normalize_frontier(frontier)
+    if reward_model is not None and not Path(reward_model).is_dir():
+        raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
+    score = None
+    if scorer is not None:
+        from prefalign.algorithms.ppo import resolve_scorer
+        from prefalign.models import load_tokenizer
+
+        score = resolve_scorer(scorer, load_tokenizer(next(iter(models.values()))))
+    samples = _sample_models(models, prompts, ref_path, sampling, device, progress,
+                             trust_remote_code)
+    if reward_model is not None:
+        from prefalign.algorithms.reward import RewardScorer
+
+        # Loaded only now: the policies are out of memory by the time the RM comes in.
+        rm = RewardScorer(str(reward_model), batch_size=2 * sampling.batch_size, device=device,
+                          trust_remote_code=trust_remote_code)
+        _attach_scores(samples, prompts, "reward", rm.score, progress)
+        del rm
+    if score is not None:
+        _attach_scores(samples, prompts, "score", score, progress)
+    settings = {
+        "models": models, "reference": {"name": ref_name, "path": ref_path},
+        "baseline": baseline, "reward_model": None if reward_model is None else str(reward_model),
+        "scorer": _scorer_name(scorer), "sampling": asdict(sampling),
+        "num_prompts": len(prompts), "device": device,
+    }
+    table = compute_metrics(samples, baseline)
+    y = "reward/mean" if reward_model is not None else "score/mean" if scorer is not None else None
+    report = {
+        "title": "Evaluation report",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "findings": [str(f) for f in findings],
+        "metrics": table,
+        "metric_info": {k: {"label": label, "description": d} for k, (label, d) in METRICS.items()},
+        "frontier": {"y": y, "curves": sweeps},
+        "runs": curves,
+        "examples": example_table(samples, [prompt_display(p) for p in prompts], num_examples),
+        "samples_file": "samples.jsonl",
+    }
+    paths = _write(report, samples, prompts, Path(output_dir))
+    _say(progress, f"wrote {paths['html']}")
+    return EvalResult(table, samples, report, paths)
+
+
+# -- command line ------------------------------------------------------------------------
+
+DESCRIPTION = ("Sample from several models on the same prompts with the same seeded settings, "
+               "score the responses (reward model and/or scorer), compare rewards, win rates "
+               "against a baseline, KL to a reference, diversity, length and EOS rate, and "
+               "write report.json, report.md and a self-contained report.html.")
+
+
+def parse_named(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """["base=DIR", ...] -> {"base": "DIR"}; a bare DIR is named after its last component."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value.rstrip("/")).name or value, value
+        if not name or not path:
+            raise ConfigError(f"{flag}: expected NAME=DIR, got {value!r}")
+        if name in out:
+            raise ConfigError(f"{flag}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def add_arguments(parser: Any) -> None:
+    add = parser.add_argument
+    add("--models", nargs="+", required=True, metavar="NAME=DIR",
+        help="models to compare, in table order: model or adapter directories")
+    add("--prompts", required=True, help="prompt file (JSONL, JSON, Parquet, CSV, datasets dir)")
+    add("--reward-model", help="reward-model directory: reward/* metrics and RM win rates")
+    add("--scorer", help="scorer spec (e.g. \"length(max=200)\", module:function, a reward-model "
+        "directory): score/* metrics and scorer win rates")
+    add("--baseline", help="model that win rates are measured against (default: the first)")
+    add("--reference", help="model name or directory for the KL (default: the first model)")
+    add("--runs", nargs="*", default=[], metavar="NAME=DIR",
+        help="training runs whose metrics.jsonl curves the report plots")
+    add("--output-dir", default="eval-report", help="where reports go (default: eval-report)")
+    add("--max-new-tokens", type=int, default=128, help="default: 128")
+    add("--temperature", type=float, default=1.0, help="default: 1.0 (0 = greedy)")
+    add("--top-p", type=float, default=1.0, help="default: 1.0")
+    add("--num-samples", type=int, default=1, help="responses per prompt (default: 1)")
+    add("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
+    add("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+    add("--num-examples", type=int, default=3,
+        help="prompts shown with every model's response side by side (default: 3)")
+    add("--finding", action="append", default=[], metavar="TEXT",
+        help="a line shown at the top of the report (repeatable)")
+    add("--frontier", metavar="JSON", help="file of extra reward-vs-KL curves: "
+        "{\"label\": [[kl, reward], [kl, reward, \"point label\"], ...]}")
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--trust-remote-code", action="store_true",
+        help="allow model code from the model directories to run")
+
+
+def run_evaluate(args: Any) -> Path:
+    """`prefalign evaluate` from parsed arguments (add_arguments'); prints and returns the
+    path of report.html."""
+    frontier = None
+    if getattr(args, "frontier", None):
+        try:
+            frontier = json.loads(Path(args.frontier).read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--frontier {args.frontier}: {exc}") from None
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, n=args.num_samples,
+                              batch_size=args.batch_size)
+    result = evaluate(
+        parse_named(args.models, "--models"), args.prompts, args.output_dir,
+        reward_model=args.reward_model, scorer=args.scorer, reference=args.reference,
+        baseline=args.baseline, sampling=sampling, runs=parse_named(args.runs, "--runs"),
+        frontier=frontier, findings=args.finding, num_examples=args.num_examples,
+        device=args.device, trust_remote_code=args.trust_remote_code)
+    print(result.html)
+    return result.html

@@ -1,0 +1,74 @@
+"""PNG figures for the evaluation report: the reward-vs-KL frontier and training curves.
+
+Figures are drawn on matplotlib's Agg canvas through `Figure` directly, never pyplot: no
+display is needed and the process-wide backend of a caller (a notebook) is left alone.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    # No "Software" entry: the same figure gives the same bytes on any matplotlib version.
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def frontier_png(points: Sequence[tuple[str, float, float]],
+                 curves: Mapping[str, Sequence[Mapping]], y_label: str) -> bytes:
+    """Reward against KL: one labelled marker per evaluated model, plus each curve
+    (label -> [{kl, reward, label}], joined in the order given) as a line with markers."""
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        xs = [p["kl"] for p in curve]
+        ys = [p["reward"] for p in curve]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, alpha=0.85,
+                          label=label)
+        for p in curve:
+            if p.get("label"):
+                ax.annotate(p["label"], (p["kl"], p["reward"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=line.get_color())
+    for j, (name, kl, reward) in enumerate(points):
+        # Colours continue after the curves', so a model never looks like part of a sweep.
+        color = f"C{(len(curves) + j) % 10}"
+        ax.scatter([kl], [reward], s=70, marker="*", zorder=3, color=color, label=name)
+        ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("KL(model || reference), nats per response")
+    ax.set_ylabel(y_label)
+    ax.grid(True, alpha=0.3)
+    if points or curves:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title("Reward vs KL")
+    return _png(fig)
+
+
+def curves_png(run: str, curves: Mapping[str, Sequence[Sequence[float]]]) -> bytes:
+    """One small panel per metric of a training run: value against optimizer step."""
+    keys = [k for k, pts in curves.items() if pts]
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig = Figure(figsize=(4.2 * cols, 2.9 * rows))
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        steps = [p[0] for p in curves[key]]
+        values = [p[1] for p in curves[key]]
+        ax.plot(steps, values, linewidth=1.3, marker="o" if len(steps) < 30 else None,
+                markersize=3)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(run, fontsize=11)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,424 @@
+"""LLM as judge: rank each prompt's candidates with a model and write the implied pairs.
+
+    prefalign judge --input synthetic.candidates.jsonl --output judged.jsonl --judge-model DIR
+    prefalign judge --input c.jsonl --output judged.jsonl \\
+        --judge-url http://localhost:8000/v1 --judge-model NAME --api-key-env MY_KEY
+
+The judge is a local causal LM (greedy decoding through generation.generate, offline) or
+any OpenAI-compatible chat-completions endpoint (POST URL/chat/completions, standard
+library HTTP only). The API key is read from the environment variable --api-key-env names
+and sent only as the Authorization header: it is never printed, logged or written, and
+redirects are refused so it never reaches another host.
+
+Input rows have `prompt` and `candidates`, as `prefalign generate --keep-candidates` writes
+them. Identical candidates are shown once. The ranking prompt is a template with the
+placeholders {prompt}, {candidates} (numbered 0..N-1) and {n}. An answer such as "2,0,3,1",
+"2 > 0 > 3 > 1" or "[2, 0, 3, 1]", also inside prose, counts when it names every candidate
+exactly once and is the only such ranking in the answer. Otherwise the item is asked again,
+up to --retries more times (sampling at --retry-temperature), then recorded as unjudged with
+every raw answer: a ranking is never guessed. A judged item writes every pair its ranking
+implies (source "judge:MODEL", rank_chosen/rank_rejected counting from 1 = best), as
+annotate does; OUTPUT.judgments.jsonl records each item's status, ranking and raw answers.
+Network errors, 429 and 5xx are retried with exponential backoff; other HTTP errors stop
+the run. Progress is committed per batch (best_of_n.Journal): the same command continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefalign.errors import ConfigError, DataError, PrefalignError
+from prefalign.preferences.best_of_n import Journal, check_committed, item_key, sidecar
+
+DEFAULT_TEMPLATE = """\
+Rank the {n} candidate responses to the prompt below from best to worst.
+
+Prompt:
+{prompt}
+
+Candidates:
+{candidates}
+
+Answer with the candidate numbers only, best first, separated by commas (for example \
+"1,0"). Use every number from 0 to {n} minus 1 exactly once."""
+PLACEHOLDERS = re.compile(r"\{(prompt|candidates|n)\}")
+# A run of two or more numbers joined only by separators: "2,0,1", "2 > 0 > 1", "[2, 0, 1]".
+_RUN = re.compile(r"\d+(?:(?:\s|[,;>\[\]()]|->|→|≻)+\d+)+")
+_LABEL_WORDS = re.compile(r"(?i)\b(?:candidates?|responses?|answers?)\s*#?\s*(?=\d)|#(?=\d)")
+
+
+# ---- prompts and answers (pure) -----------------------------------------------------------
+
+
+def render_prompt(template: str, prompt: str | list[dict], candidates: list[str]) -> str:
+    """The judge's prompt; one pass, so braces inside the prompt or candidates stay as they are."""
+    if not isinstance(prompt, str):
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    listing = "\n\n".join(f"[{i}]\n{text}" for i, text in enumerate(candidates))
+    values = {"prompt": prompt, "candidates": listing, "n": str(len(candidates))}
+    return PLACEHOLDERS.sub(lambda m: values[m.group(1)], template)
+
+
+def parse_ranking(answer: str, n: int) -> list[int]:
+    """The one ranking of 0..n-1 in a judge's answer, best first; ValueError otherwise.
+
+    "Ranking: 2 > 0 > 1" (n=3) -> [2, 0, 1]. Runs of numbers that are not a permutation of
+    0..n-1 are ignored (prose may mention numbers); two different permutations are refused
+    as ambiguous, and none at all as malformed or partial.
+    """
+    found: list[list[int]] = []
+    # Read as written and with labels dropped ("Candidate 2 > Candidate 0"); dropping them
+    # could also join a ranking to a later number, so neither reading alone decides.
+    for text in (answer, _LABEL_WORDS.sub("", answer)):
+        for run in _RUN.finditer(text):
+            numbers = [int(x) for x in re.findall(r"\d+", run.group(0))]
+            if sorted(numbers) == list(range(n)) and numbers not in found:
+                found.append(numbers)
+    if len(found) > 1:
+        raise ValueError(f"ambiguous: {len(found)} different rankings in the answer")
+    if not found:
+        raise ValueError(f"no ranking of all {n} candidates (0-{n - 1}, each once)")
+    return found[0]
+
+
+def load_template(path: str | os.PathLike | None) -> str:
+    if path is None:
+        return DEFAULT_TEMPLATE
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"template {path}: cannot read it ({e.strerror or e})") from None
+    missing = [p for p in ("{prompt}", "{candidates}") if p not in template]
+    if missing:
+        raise ConfigError(f"template {path}: no {' or '.join(missing)} placeholder; the judge "
+                          "would not see what it ranks")
+    return template
+
+
+# ---- judges -------------------------------------------------------------------------------
+
+
+class LocalJudge:
+    """A causal LM: greedy on the first attempt, sampled at retry_temperature on retries."""
+
+    def __init__(self, path: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 retry_temperature: float = 0.7, seed: int = 0, batch_size: int = 8):
+        import torch
+
+        from prefalign.models import load_causal_lm, load_tokenizer
+
+        self.name, self.settings = path, {"judge": path, "backend": "local",
+                                          "max_new_tokens": max_new_tokens,
+                                          "temperature": temperature,
+                                          "retry_temperature": retry_temperature, "seed": seed}
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_causal_lm(path).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.retry_temperature, self.seed, self.batch_size = retry_temperature, seed, batch_size
+
+    def __call__(self, texts: list[str], attempt: int) -> list[str]:
+        from prefalign.generation import SamplingConfig, generate
+
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        prompts = [[{"role": "user", "content": t}] if chat else t for t in texts]
+        sampling = SamplingConfig(
+            max_new_tokens=self.max_new_tokens, seed=self.seed + attempt,
+            temperature=self.temperature if attempt == 0 else self.retry_temperature,
+            batch_size=self.batch_size)
+        return [g.text for g in generate(self.model, self.tokenizer, prompts, sampling,
+                                         progress=False)]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would resend the Authorization header to wherever a redirect points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class HttpJudge:
+    """An OpenAI-compatible chat-completions endpoint; the key stays in this object only."""
+
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 60.0, network_retries: int = 5, backoff: float = 1.0,
+                 max_new_tokens: int = 256, temperature: float = 0.0,
+                 retry_temperature: float = 0.7, workers: int = 4):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"judge URL {url!r}: give http(s)://host:port/v1")
+        # Credentials written into the URL are left out of anything recorded.
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self.endpoint = f"{parts.scheme}://{host}{parts.path.rstrip('/')}/chat/completions"
+        self.name = model
+        self._key = os.environ.get(api_key_env) or None
+        self.api_key_env = api_key_env
+        self.settings = {"judge": model, "backend": "http", "url": self.endpoint,
+                         "max_new_tokens": max_new_tokens, "temperature": temperature,
+                         "retry_temperature": retry_temperature}
+        self.timeout, self.network_retries, self.backoff = timeout, network_retries, backoff
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.retry_temperature, self.workers = retry_temperature, workers
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def __repr__(self) -> str:
+        return f"HttpJudge({self.endpoint!r}, {self.name!r})"
+
+    def __call__(self, texts: list[str], attempt: int) -> list[str]:
+        temperature = self.temperature if attempt == 0 else self.retry_temperature
+        with ThreadPoolExecutor(max(1, min(self.workers, len(texts)))) as pool:
+            return list(pool.map(lambda t: self.complete(t, temperature), texts))
+
+    def complete(self, text: str, temperature: float) -> str:
+        body = json.dumps({"model": self.name, "temperature": temperature,
+                           "max_tokens": self.max_new_tokens,
+                           "messages": [{"role": "user", "content": text}]}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        last, retry_after = "", None
+        for attempt in range(self.network_retries + 1):
+            if attempt:
+                time.sleep(self._delay(attempt, retry_after))
+            request = urllib.request.Request(self.endpoint, data=body, headers=headers,
+                                             method="POST")
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    return self._content(response.read())
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    raise PrefalignError(self._redact(self._refusal(e))) from None
+                last, retry_after = f"HTTP {e.code}", e.headers.get("Retry-After") if e.headers \
+                    else None
+            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+                last, retry_after = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
+        raise PrefalignError(self._redact(f"judge {self.endpoint}: no answer after "
+                                          f"{self.network_retries + 1} tries (last: {last})"))
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """Exponential backoff; a numeric Retry-After of a 429/503 wins, capped at 60 s."""
+        try:
+            return min(max(float(retry_after), 0.0), 60.0)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return self.backoff * 2 ** (attempt - 1)
+
+    def _refusal(self, error: urllib.error.HTTPError) -> str:
+        try:
+            detail = error.read().decode("utf-8", "replace").strip().splitlines()[0][:200]
+        except (OSError, IndexError):
+            detail = ""
+        hint = ""
+        if error.code in (401, 403):
+            hint = (f" (check the key in ${self.api_key_env})" if self._key else
+                    f" (${self.api_key_env} is not set; set it to the API key)")
+        return (f"judge {self.endpoint}: HTTP {error.code} {error.reason}{hint}"
+                + (f": {detail}" if detail else ""))
+
+    def _content(self, raw: bytes) -> str:
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise PrefalignError(self._redact(
+                f"judge {self.endpoint}: not a chat-completions response: {raw[:200]!r}")) from None
+        return content if isinstance(content, str) else ""
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
+# ---- judging a file -----------------------------------------------------------------------
+
+
+@dataclass
+class JudgeReport:
+    output: Path
+    judgments: Path
+    items: int
+    items_done_before: int = 0
+    status: Counter = field(default_factory=Counter)
+    pairs: int = 0
+
+    def format(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())) or "none now"
+        return (f"{self.items} items ({self.items_done_before} done before; {counts}): "
+                f"{self.pairs} pairs written to {self.output}; answers in {self.judgments}")
+
+
+def read_items(path: Any) -> list[dict]:
+    """Rows with prompt and candidates; DataError naming the row for anything else."""
+    from prefalign.data.sources import load_rows
+
+    items = []
+    for data, origin in load_rows(path):
+        prompt, candidates = data.get("prompt"), data.get("candidates")
+        if not (isinstance(prompt, str) and prompt.strip()) and not (
+                isinstance(prompt, list) and prompt and all(
+                    isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt)):
+            raise DataError(f"{origin}: field 'prompt' must be text or {{role, content}} messages")
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise DataError(f"{origin}: field 'candidates' must be a list of strings")
+        items.append({"prompt": prompt, "candidates": candidates, "origin": origin,
+                      "id": data.get("id")})
+    return items
+
+
+def judge_preferences(input_path: Any, output: str | os.PathLike, judge: Any,
+                      template: str = DEFAULT_TEMPLATE, retries: int = 2, batch_size: int = 8,
+                      judgments: str | os.PathLike | None = None,
+                      progress: bool = True) -> JudgeReport:
+    """Rank every item of `input_path` with `judge(texts, attempt) -> answers` and write the
+    pairs and judgments (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    if retries < 0 or batch_size < 1:
+        raise ConfigError(f"need retries >= 0 and batch_size >= 1, got {retries}, {batch_size}")
+    items = read_items(input_path)
+    output = Path(output)
+    judgments = Path(judgments) if judgments else sidecar(output, ".judgments.jsonl")
+    journal = Journal(Path(str(output) + ".progress.jsonl"),
+                      {"pairs": output, "judgments": judgments}, "judge",
+                      {**judge.settings, "template": template, "retries": retries})
+    keys = [item_key([it["prompt"], it["candidates"], it["id"]]) for it in items]
+    report = JudgeReport(output, judgments, len(items))
+    with journal, tqdm(total=len(items), desc="judge", unit="item", disable=not progress,
+                       dynamic_ncols=True) as bar:
+        done = journal.open()
+        check_committed(done, keys, [it["origin"] for it in items], journal.log)
+        report.items_done_before = len(done)
+        bar.update(len(done))
+        todo = [i for i in range(len(items)) if i not in done]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            records = judge_batch([items[i] for i in chunk], judge, template, retries)
+            commits = []
+            for index, record in zip(chunk, records):
+                rows = pair_rows(items[index], record, judge.name)
+                report.status[record["status"]] += 1
+                report.pairs += len(rows)
+                commits.append((index, keys[index], {"pairs": rows,
+                                                     "judgments": [{"index": index, **record}]}))
+            journal.commit(commits)
+            bar.update(len(chunk))
+    return report
+
+
+def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> list[dict]:
+    """One judgment record per item; items whose answer does not parse are asked again."""
+    records = []
+    for item in items:
+        first: dict[str, int] = {}  # each distinct non-empty text, shown once
+        for i, text in enumerate(item["candidates"]):
+            if text.strip():
+                first.setdefault(text, i)
+        ident = {"id": item["id"]} if item["id"] is not None else {}
+        records.append({"origin": item["origin"], **ident, "judge": judge.name,
+                        "status": "unjudged", "ranking": None, "shown": sorted(first.values()),
+                        "answers": [], "errors": []})
+        if len(first) < 2:
+            records[-1].update(status="skipped", errors=["fewer than 2 distinct candidates"])
+    pending = [k for k, r in enumerate(records) if r["status"] == "unjudged"]
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        texts = [render_prompt(template, items[k]["prompt"],
+                               [items[k]["candidates"][i] for i in records[k]["shown"]])
+                 for k in pending]
+        answers = list(judge(texts, attempt))
+        if len(answers) != len(texts):
+            raise PrefalignError(f"judge {judge.name} gave {len(answers)} answers to "
+                                 f"{len(texts)} prompts")
+        still = []
+        for k, answer in zip(pending, answers):
+            record = records[k]
+            record["answers"].append(answer)
+            try:
+                order = parse_ranking(answer, len(record["shown"]))
+            except ValueError as e:
+                record["errors"].append(str(e))
+                still.append(k)
+                continue
+            record["status"], record["ranking"] = "judged", [record["shown"][i] for i in order]
+        pending = still
+    return records
+
+
+def pair_rows(item: dict, record: dict, judge_name: str) -> list[dict]:
+    """Every (better, worse) pair of a judged item's ranking, in input candidate indices."""
+    ranking = record.get("ranking")
+    if record["status"] != "judged" or not ranking:
+        return []
+    ident = {"id": item["id"]} if item["id"] is not None else {}
+    texts, rank = item["candidates"], {c: place for place, c in enumerate(ranking, start=1)}
+    return [{"prompt": item["prompt"], "chosen": texts[b], "rejected": texts[w],
+             "source": f"judge:{judge_name}", **ident, "rank_chosen": rank[b],
+             "rank_rejected": rank[w]}
+            for k, b in enumerate(ranking) for w in ranking[k + 1:]]
+
+
+# ---- command line -------------------------------------------------------------------------
+
+DESCRIPTION = ("Rank each prompt's candidates with a judge model (a local causal LM, or an "
+               "OpenAI-compatible endpoint with --judge-url) and write every pair the ranking "
+               "implies. Answers that are not a full ranking are asked again, then recorded "
+               "as unjudged, never guessed. The same command again continues where it stopped.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--input", required=True, help="rows with prompt and candidates (generate "
+        "--keep-candidates output, annotate input)")
+    add("--output", required=True, help="JSONL of preference pairs")
+    add("--judge-model", required=True, help="local model directory, or with --judge-url the "
+        "model name the endpoint serves")
+    add("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
+        "(default: run --judge-model locally)")
+    add("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API "
+        "key, sent as a Bearer token (default: OPENAI_API_KEY; unset: no Authorization header)")
+    add("--template", help="ranking prompt file with {prompt}, {candidates} (numbered 0..N-1) "
+        "and {n} (default: a built-in prompt)")
+    add("--retries", type=int, default=2, help="asks after a malformed answer before an item is "
+        "recorded as unjudged (default: 2)")
+    add("--judgments", help="JSONL of raw answers and statuses (default: OUTPUT.judgments.jsonl)")
+    add("--max-new-tokens", type=int, default=64, help="answer length (default: 64)")
+    add("--temperature", type=float, default=0.0, help="first ask (default: 0, greedy)")
+    add("--retry-temperature", type=float, default=0.7, help="asks after a malformed answer "
+        "(default: 0.7)")
+    add("--batch-size", type=int, default=8, help="items judged together (default: 8)")
+    add("--workers", type=int, default=4, help="concurrent HTTP requests (default: 4)")
+    add("--timeout", type=float, default=60.0, help="seconds per HTTP request (default: 60)")
+    add("--network-retries", type=int, default=5, help="retries after a network error, 429 or "
+        "5xx, with exponential backoff (default: 5)")
+    add("--seed", type=int, default=0, help="seed of sampled retries of a local judge (default: 0)")
+
+
+def load_judge(args: argparse.Namespace) -> LocalJudge | HttpJudge:
+    if args.judge_url:
+        return HttpJudge(args.judge_url, args.judge_model, args.api_key_env, args.timeout,
+                         args.network_retries, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, retry_temperature=args.retry_temperature,
+                         workers=args.workers)
+    if not Path(args.judge_model).is_dir():
+        raise ConfigError(f"--judge-model {args.judge_model}: no such model directory; for a "
+                          "served model also give --judge-url")
+    return LocalJudge(args.judge_model, args.max_new_tokens, args.temperature,
+                      args.retry_temperature, args.seed, args.batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    template = load_template(args.template)
+    report = judge_preferences(args.input, args.output, load_judge(args), template,
+                               retries=args.retries, batch_size=args.batch_size,
+                               judgments=args.judgments)
+    print(report.format())
+    return 0
