@@ -99,7 +99,7 @@ def _score(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from prefalign.demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    run_demo(args.output_dir, quick=args.quick, force=args.force, seed=args.seed)
     return 0
 
 
@@ -199,12 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow model code from the model directory to run")
     score.set_defaults(func=_score)
 
-    demo = sub.add_parser("demo", help="run the pipeline on a built-in task with a tiny model",
-                          description="Build a tiny model locally and run the pipeline on a "
-                          "built-in preference task; needs no network.")
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline on a built-in task with a tiny model, then a report",
+        description="Offline, on a built-in task (steer review continuations toward positive "
+        "sentiment, scored by a fixed lexicon): build a tiny model, SFT, best-of-N pairs with "
+        "noisy labels, reward model, DPO (LoRA), PPO, sweeps of DPO's beta and PPO's KL "
+        "coefficient, evaluation on held-out prompts, and report.html. Finished stages are "
+        "reused on a second run.")
     demo.add_argument("--output-dir", default="demo-output",
                       help="where everything is written (default: demo-output)")
-    demo.add_argument("--quick", action="store_true", help="fewer rows and steps")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smaller, faster variant (fewer rows, steps and sweep points)")
+    demo.add_argument("--force", action="store_true", help="rerun every stage")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.set_defaults(func=_demo)
 

@@ -91,3 +91,23 @@ def review_prompts(n: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
     return [f"{rng.choice(OPENERS)} {rng.choice(SUBJECTS)} {rng.choice(LINKS)}"
             for _ in range(n)]
+
+
+def noisy_scorer(sigma: float, seed: int = 0):
+    """The ground truth plus Gaussian noise, like annotators who sometimes disagree.
+
+    The noise of a (prompt, response) pair is a pure function of its text and the seed,
+    so a rerun labels the same pairs the same way.
+    """
+    import hashlib
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses):
+            digest = hashlib.sha256(f"{seed}\0{p}\0{r}".encode()).digest()
+            noise = random.Random(int.from_bytes(digest[:8], "big")).gauss(0.0, sigma)
+            out.append(sentiment_score(r) + noise)
+        return out
+
+    score.batched = True
+    return score
