@@ -14,7 +14,7 @@ def test_quick_demo_runs_the_whole_pipeline_and_reuses_stages(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["metrics"]) >= {"base", "sft", "dpo", "ppo"}
-    assert len(report["findings"]) == 6
+    assert len(report["findings"]) == 5
     assert report["findings"][0].startswith("Reward model accuracy on")
     curves = report["frontier"]["curves"]
     assert set(curves) == {"DPO (beta sweep)", "PPO (KL-coefficient sweep)"}

@@ -11,7 +11,10 @@ adapters disabled, a frozen copy of the starting model, or `ref_model`.
 
 The KL estimate is per micro-batch, as in TRL, so accumulating 8 micro-batches of 1 is not
 the same as one batch of 8 (and a single row pairs with its own completion): batch_size
-must be at least 2.
+must be at least 2. Under data parallelism the KL batches of every process's share of a
+micro-batch are gathered, so z0 is one estimate per global micro-batch, as in TRL; the
+mismatched pairs are still formed within each share, so P processes of batch B pair other
+completions than one process of batch P x B, and the two runs agree only until z0 > 0.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from prefalign.data.unpaired import collate_unpaired, load_unpaired, weight_bala
 from prefalign.logprobs import CompletionLogps, LogpsModel
 from prefalign.losses import kto_kl_estimate, kto_loss
 from prefalign.train.config import TrainConfig
-from prefalign.train.loop import Trainer, TrainResult
+from prefalign.train.loop import STAND_IN, Trainer, TrainResult
 
 # (local values (B,)) -> the values of every process, concatenated; identity on one process.
 Gather = Callable[[Tensor], Tensor]
@@ -90,9 +93,12 @@ class KTO:
         with torch.no_grad():
             policy = model(*inputs).logps
         ref = self.reference(model, *inputs)
-        # Evaluation shards may differ in batch count across processes, and a collective
-        # call there would wait forever: only training steps (run in lockstep) gather.
+        # Only training steps gather: evaluation needs no global z0 (its loss is a report).
         if self.gather is not None and model.training:
+            if batch.get(STAND_IN):
+                # A zero-weight stand-in (the loop's, see train.loop) still takes part in
+                # the gather, so every process calls it equally often, but adds no rows.
+                policy, ref = policy[:0], ref[:0]
             policy, ref = self.gather(policy), self.gather(ref)
         return kto_kl_estimate(policy, ref)
 
@@ -169,7 +175,7 @@ def run_kto(config: KTOConfig, accelerator: Accelerator | None = None) -> TrainR
         reference = ReferenceScorer(copy.deepcopy(run.model), config.logps_chunk_size)
     else:
         reference = ReferenceScorer(None)  # the policy with its adapters disabled
-    reference.to(run.accelerator.device)
+    reference.prepare(run.accelerator)
     policy = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
     multi = run.accelerator.num_processes > 1
     gather = gather_across_processes(run.accelerator) if multi else None

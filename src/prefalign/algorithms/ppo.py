@@ -8,7 +8,9 @@ One training-loop step is one PPO iteration:
      clipped policy loss + vf_coef * clipped value loss; stop early when approx KL exceeds
      target_approx_kl.
 The old log-probs come from the same forward, on the same micro-batches, as the first
-update's, so the ratio is exactly 1 on the first mini-batch of the first epoch.
+update's, so the ratio is exactly 1 on the first mini-batch of the first epoch. Under data
+parallelism each process samples its share of the prompts with its own seed; whitening,
+the KL controller, the approx-KL stop and objective/* use every process's rollouts.
 """
 
 from __future__ import annotations
@@ -175,7 +177,33 @@ class PPO:
                     return
 
     def _mean_approxkl(self) -> float:
-        return float(torch.stack(self._approxkl).mean()) if self._approxkl else 0.0
+        """Mean approx KL of the last update over every process, so all stop together."""
+        if not self._approxkl:
+            return 0.0
+        total, count = self._global_sums(torch.stack(self._approxkl).sum(), len(self._approxkl))
+        return total / count
+
+    # -- statistics over every process's rollouts ---------------------------------------
+    def _global_sums(self, *values: Tensor) -> list[float]:
+        """Each scalar summed over every process, in one collective (identity on one)."""
+        acc = self.accelerator
+        sums = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+        return sums.tolist()
+
+    def _whiten(self, x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+        """rl.masked_whiten with the mean and variance of every process's rollouts, so
+        advantages are scaled alike everywhere, as they would be on one process."""
+        if self.accelerator.num_processes == 1:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        m = mask.to(x.dtype)
+        total, n = self._global_sums((x * m).sum(), m.sum())
+        mean = total / max(n, 1.0)
+        (squares,) = self._global_sums((((x - mean) ** 2) * m).sum())
+        var = squares / max(n, 1.0) * n / max(n - 1, 1.0)  # Bessel, as rl.masked_var
+        whitened = (x - mean) * (var + 1e-8) ** -0.5
+        return (whitened + mean if not shift_mean else whitened) * mask
 
     def pop_metrics(self) -> dict[str, Any]:
         metrics, self._metrics = self._metrics, {}
@@ -245,7 +273,7 @@ class PPO:
         if c.reward_clip is not None:
             scores = scores.clamp(-c.reward_clip, c.reward_clip)
         if c.whiten_rewards:
-            scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
+            scores = self._whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
         batch = self.collate(rows)
         mask = batch["completion_mask"] & batch["attention_mask"].bool()
         mask[:, 0] = False
@@ -255,24 +283,31 @@ class PPO:
         kl_coef = self.kl_ctl.value
         rewards = shaped_rewards(scores, kl, mask, kl_coef)
         advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = self._whiten(advantages, mask)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             row["advantages"], row["returns"] = advantages[i, :n], returns[i, :n]
         kl_per_seq = kl.sum(1)
+        # Per-sequence means over every process's rollouts (one collective): the KL
+        # controller must see the same global KL everywhere, and the logs the global batch.
+        entropy = torch.tensor([r["entropy"] for r in rows])
+        n, score_sum, kl_sum, rlhf_sum, entropy_sum, tokens, eos_sum, value_sum = self._global_sums(
+            len(rows), raw_scores.sum(), kl_per_seq.sum(), (scores - kl_coef * kl_per_seq).sum(),
+            entropy.sum(), mask.sum(), finished.sum(), (values * mask).sum())
         self._metrics = {
-            "objective/scores": raw_scores.mean().item(),
-            "objective/kl": kl_per_seq.mean().item(),
-            "objective/non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
-            "objective/rlhf_reward": (scores - kl_coef * kl_per_seq).mean().item(),
-            "objective/entropy": sum(r["entropy"] for r in rows) / len(rows),
+            "objective/scores": score_sum / n,
+            "objective/kl": kl_sum / n,
+            "objective/non_score_reward": -kl_coef * kl_sum / n,
+            "objective/rlhf_reward": rlhf_sum / n,
+            "objective/entropy": entropy_sum / n,
+            # Per process, averaged over processes when logged (not a sum of parts).
             "val/explained_variance": explained_variance(values, returns, mask).item(),
-            "val/mean": masked_mean(values, mask).item(),
+            "val/mean": value_sum / max(tokens, 1.0),
             "kl_coef": kl_coef,
-            "response_length": mask.sum(1).float().mean().item(),
-            "eos_fraction": finished.float().mean().item(),
+            "response_length": tokens / n,
+            "eos_fraction": eos_sum / n,
         }
-        self.kl_ctl.update(self._metrics["objective/kl"], len(rows) * self.accelerator.num_processes)
+        self.kl_ctl.update(self._metrics["objective/kl"], int(n))
         self._write_samples(prompts, texts, raw_scores)
         self.iteration += 1
         return rows
@@ -332,12 +367,18 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
     from prefalign.algorithms.runner import finish_run, start_run
     from prefalign.data.prompts import load_prompts
     from prefalign.lora import apply_lora
+    from prefalign.train.distributed import shards_parameters
     from prefalign.train.loop import Trainer
 
     if not (scorer or config.reward_model or config.reward_fn):
         raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
                           "model directory or a scorer spec (module:function, a built-in)")
     run = start_run(config, accelerator)
+    if shards_parameters(run.accelerator):
+        # Sampling runs the unwrapped policy, which under FSDP / ZeRO-3 holds only a shard.
+        raise ConfigError("PPO does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling needs "
+                          "the whole policy on every process. Use DDP or ZeRO-2 (see "
+                          "docs/distributed.md)")
     disable_dropout(run.model)
     prompts = load_prompts(config.data)
     run.print(f"data: {config.data}: {len(prompts)} prompts")

@@ -37,6 +37,7 @@ from prefalign.errors import DataError
 from prefalign.losses import bradley_terry_loss
 from prefalign.reward_model import RewardModel, load_reward_model
 from prefalign.train.config import TrainConfig
+from prefalign.train.distributed import full_model
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.metrics import MetricLogger
 
@@ -286,9 +287,13 @@ def start_reward_run(config: RewardConfig, accelerator: Accelerator | None = Non
     return start_run(config, accelerator, load_model=load_model)
 
 
-def log_calibration(run: Run, evals: list[dict], result: TrainResult) -> dict[str, Any]:
-    """Score the whole eval set, log eval/ece (+ the pair count) to metrics.jsonl, print it."""
-    model: RewardModel = run.model
+def log_calibration(run: Run, evals: list[dict], result: TrainResult,
+                    model: RewardModel | None = None) -> dict[str, Any]:
+    """Score the whole eval set, log eval/ece (+ the pair count) to metrics.jsonl, print it.
+
+    model: the reward model with whole weights (default run.model; see train.distributed).
+    """
+    model = model if model is not None else run.model
     scores = torch.tensor(score_sequences(model, pair_sequences(evals), run.config.batch_size,
                                           run.accelerator.autocast))
     chosen, rejected = scores[: len(evals)], scores[len(evals) :]
@@ -311,11 +316,12 @@ def finish_reward_run(run: Run) -> Path:
 
     final = run.output_dir / "final"
     run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        if has_lora(run.model.backbone):
-            unload_lora(run.model.backbone, merge=True)
-        run.model.save_pretrained(final, run.tokenizer)
-        run.print(f"saved {final}")
+    with full_model(run.model, run.accelerator) as model:  # whole weights under FSDP / ZeRO-3
+        if run.accelerator.is_main_process:
+            if has_lora(model.backbone):
+                unload_lora(model.backbone, merge=True)
+            model.save_pretrained(final, run.tokenizer)
+            run.print(f"saved {final}")
     run.accelerator.wait_for_everyone()
     return final
 
@@ -328,7 +334,9 @@ def run_reward(config: RewardConfig, accelerator: Accelerator | None = None) -> 
     algorithm = BradleyTerry(run.model.pad_token_id, config.center_rewards_coefficient)
     trainer = Trainer(config, run.model, algorithm, train, evals, run.accelerator)
     result = trainer.train()
-    if evals and run.accelerator.is_main_process:
-        log_calibration(run, evals, result)
+    if evals:
+        with full_model(run.model, run.accelerator) as model:  # every process gathers
+            if run.accelerator.is_main_process:
+                log_calibration(run, evals, result, model)
     finish_reward_run(run)
     return result

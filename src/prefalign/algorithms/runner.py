@@ -15,6 +15,7 @@ from prefalign.config import save_config
 from prefalign.lora import has_lora, print_trainable_parameters
 from prefalign.models import load_causal_lm, load_tokenizer, prepare_for_training, save_policy
 from prefalign.train.config import TrainConfig
+from prefalign.train.distributed import full_model
 from prefalign.train.loop import make_accelerator
 
 
@@ -72,14 +73,19 @@ def load_frozen(path: str, run: Run) -> PreTrainedModel:
 
 
 def finish_run(run: Run) -> Path:
-    """Write OUTPUT/final (adapter or full model + tokenizer), and final-merged on request."""
+    """Write OUTPUT/final (adapter or full model + tokenizer), and final-merged on request.
+
+    Every process calls it: under FSDP / ZeRO-3 all of them gather the weights, then the
+    main process writes the same artifact as a one-process run would.
+    """
     run.accelerator.wait_for_everyone()
     final = run.output_dir / "final"
-    if run.accelerator.is_main_process:
-        merged = run.output_dir / "final-merged" if run.config.merge and run.is_lora else None
-        save_policy(run.model, run.tokenizer, final, merged,
-                    base_name=model_reference(run.config.model))
-        run.print(f"saved {final}" + (f" and {merged}" if merged else ""))
+    with full_model(run.model, run.accelerator) as model:
+        if run.accelerator.is_main_process:
+            merged = run.output_dir / "final-merged" if run.config.merge and run.is_lora else None
+            save_policy(model, run.tokenizer, final, merged,
+                        base_name=model_reference(run.config.model))
+            run.print(f"saved {final}" + (f" and {merged}" if merged else ""))
     run.accelerator.wait_for_everyone()
     return final
 

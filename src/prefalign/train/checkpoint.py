@@ -1,9 +1,19 @@
 """Checkpoints that are complete or absent: written to a temp dir, then renamed.
 
-A checkpoint holds what an exact resume needs: the trainable weights (the adapter for
-LoRA runs, the whole model otherwise), optimizer, scheduler, every RNG state and the
-data position. A directory without its `trainer_state.json` (written last, inside the
-temp dir) is never picked up.
+A checkpoint holds what an exact resume needs: weights, optimizer, scheduler, every
+process's RNG state and the data position. A directory without its `trainer_state.json`
+(written last, inside the temp dir) is never picked up. Two formats, by engine; the
+`format` field of trainer_state.json says which one a checkpoint is:
+
+  "safetensors" (one process, DDP): the main process writes trainable.safetensors (the
+      trainable parameters only: the adapter for LoRA runs, the whole model otherwise),
+      optimizer.pt, scheduler.pt, rng.pt (+ rng-R.pt for process R > 0). Under DDP every
+      process holds the same weights and optimizer state, so one copy serves all of them.
+  "accelerate" (FSDP, DeepSpeed): weights (FSDP, ZeRO-3) or optimizer states (ZeRO-1/2)
+      are split across processes, so every process writes its part through
+      `Accelerator.save_state` (model, optimizer and random states in accelerate's layout:
+      sharded or full per the FSDP plugin's state_dict_type, DeepSpeed's own otherwise),
+      beside scheduler.pt; `Accelerator.load_state` reads it back.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from prefalign.errors import PrefalignError
 
 STATE_FILE = "trainer_state.json"
+SAFETENSORS, ACCELERATE = "safetensors", "accelerate"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -53,16 +64,51 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically and delete all but the newest `keep`."""
+    """Write checkpoints/step-N atomically ("safetensors" format) and keep the newest `keep`.
+
+    rng_states: every process's RNG state in rank order (default: this process's only).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / _rng_file(rank))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root / f"step-{step:07d}", exc) from None
+    return _complete(root, tmp, step, scheduler, {**trainer_state, "format": SAFETENSORS}, keep)
+
+
+def save_sharded_checkpoint(root: Path, step: int, accelerator: Any, scheduler: Any,
+                            trainer_state: dict[str, Any], keep: int) -> Path | None:
+    """The "accelerate" format; every process calls it. -> the path (main process), else None.
+
+    All processes write their parts into one temp dir with a fixed name, so each knows it.
+    """
+    tmp = root / f".step-{step:07d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = _complete(root, tmp, step, scheduler, {**trainer_state, "format": ACCELERATE}, keep)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _complete(root: Path, tmp: Path, step: int, scheduler: Any, trainer_state: dict[str, Any],
+              keep: int) -> Path:
+    """Add scheduler and trainer state to `tmp`, rename it to step-N, delete old ones."""
+    final = root / f"step-{step:07d}"
+    try:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}), "utf-8")
         _fsync_dir(tmp)
         if final.exists():
@@ -71,11 +117,19 @@ def save_checkpoint(
         _fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PrefalignError(f"could not write checkpoint {final}: {exc.strerror or exc}; "
-                             "earlier checkpoints are intact") from None
+        raise _write_error(final, exc) from None
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_error(final: Path, exc: OSError) -> PrefalignError:
+    return PrefalignError(f"could not write checkpoint {final}: {exc.strerror or exc}; "
+                          "earlier checkpoints are intact")
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,6 +137,8 @@ def _fsync_dir(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif file.is_dir():
+            _fsync_dir(file)  # accelerate's layout has folders (sharded model, optimizer)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,12 +155,19 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
     if not (path / STATE_FILE).is_file():
         raise PrefalignError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    state = json.loads((path / STATE_FILE).read_text("utf-8"))
+    state.setdefault("format", SAFETENSORS)  # written before formats were named
+    return state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, rank: int = 0) -> dict[str, Any]:
+    """Restore a "safetensors" checkpoint: weights, optimizer, scheduler and this process's
+    RNG (rank R reads rng-R.pt, or rng.pt when the run had fewer processes)."""
+    state = _expect_format(path, SAFETENSORS)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -118,5 +181,24 @@ def load_checkpoint(
     # Only tensors, numbers and strings are in these files: refuse anything else.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / STATE_FILE).read_text("utf-8"))
+    rng = path / _rng_file(rank)
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=True))
+    return state
+
+
+def load_sharded_checkpoint(path: Path, accelerator: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore an "accelerate" checkpoint; every process calls it."""
+    state = _expect_format(path, ACCELERATE)
+    accelerator.load_state(str(path))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return state
+
+
+def _expect_format(path: Path, expected: str) -> dict[str, Any]:
+    state = read_trainer_state(path)
+    if state["format"] != expected:
+        engines = {SAFETENSORS: "one process or DDP", ACCELERATE: "FSDP or DeepSpeed"}
+        raise PrefalignError(f"checkpoint {path} was written under {engines[state['format']]} "
+                             f"({state['format']} format) and this run uses {engines[expected]}; "
+                             "resume under the same kind of launch")
+    return state

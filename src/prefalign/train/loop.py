@@ -9,28 +9,56 @@ under `accelerate launch`.
 Accumulation is exact: each micro-batch's mean loss is weighted by its share of the units
 of the whole optimizer step (across processes), so 1 x 8 accumulated equals 8 x 1 even
 when micro-batches differ in size or the loss is a mean over tokens.
+
+Data parallelism (DDP, FSDP, DeepSpeed) comes from accelerate. Every process holds all
+features and cuts the same windows; `split_window` gives each its share of every
+micro-batch. Every process must run as many forward/backward passes per step as the
+others (each one holds collectives), so a process whose share of a micro-batch is empty
+(a window's last micro-batch with fewer rows than processes) runs a stand-in instead: a
+copy of one row of that micro-batch, its loss multiplied by 0, its metrics not counted,
+and `batch[STAND_IN] = True` for algorithms that exchange values across processes (KTO).
+Metrics are summed per process and reduced across processes when logged.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefalign.errors import PrefalignError
-from prefalign.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from prefalign.train import distributed
+from prefalign.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from prefalign.train.config import TrainConfig
 from prefalign.train.metrics import MetricLogger, MetricWindow
 
 Features = list[dict[str, Any]]
+STAND_IN = "stand_in"  # batch key, True on a zero-weight stand-in micro-batch (see above)
+
+
+class Share(NamedTuple):
+    """One process's part of one micro-batch: its rows and their loss units."""
+
+    features: Features
+    units: float
+    stand_in: bool = False
 
 
 class Algorithm(Protocol):
@@ -49,10 +77,16 @@ class NonFiniteLoss(PrefalignError):
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """The Accelerator of a run; the engine is whatever `accelerate launch` / torchrun set up.
+
+    "auto": the launcher's mixed precision when `accelerate launch` set one, else bf16 on a
+    GPU that supports it and fp32 otherwise.
+    """
     if mixed_precision == "auto":
         fast_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        mixed_precision = "bf16" if fast_bf16 else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if fast_bf16 else "no")
+    return Accelerator(mixed_precision=mixed_precision, cpu=distributed.cpu_only_launch())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -91,14 +125,21 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise PrefalignError("the model has no trainable parameters")
-        self.params = params
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.total_steps = self._total_steps()
         warmup = math.ceil(config.warmup_ratio * self.total_steps)
         name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        acc = self.accelerator
+        distributed.configure_engine(acc, model, config.batch_size, config.max_grad_norm)
+        shell = distributed.meta_copy(model) if distributed.shards_parameters(acc) else None
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if shell is not None:
+            distributed.register_sharded(model, self.model, shell)
+        # After prepare: FSDP clips only through the parameters of the module it wrapped.
+        self.clip_params = list(self.model.parameters())
+        self.gather = distributed.gather_fn(acc)
         self.window = MetricWindow()
         self.step = 0
         self.consumed = 0  # examples consumed, all epochs, all processes
@@ -116,7 +157,7 @@ class Trainer:
         per_epoch = math.ceil(len(self.train_features) / self.global_batch)
         return per_epoch * self.config.epochs
 
-    def _next_window(self) -> tuple[list[Features], float, list[Any]]:
+    def _next_window(self) -> tuple[list[Share], float, list[Any]]:
         """This process's micro-batches for the next step, the step's total units, its ids.
 
         Windows never cross an epoch boundary: the last one of an epoch may be smaller.
@@ -126,10 +167,17 @@ class Trainer:
         order = epoch_order(n, self.config.seed, epoch)[offset : offset + self.global_batch]
         self.consumed += len(order)
         window = [self.train_features[i] for i in order]
-        shares = split_window(window, self.config.batch_size, self.accelerator.num_processes)
-        units = float(sum(self.algorithm.units(s) for micro in shares for s in micro if s))
-        rank = self.accelerator.process_index
-        return [micro[rank] for micro in shares if micro[rank]], units, order
+        procs = self.accelerator.num_processes
+        if procs > 1 and hasattr(self.algorithm, "plan"):
+            # Rollouts need equally many prompts on every process (their statistics are
+            # global): top a short window up with its own prompts, each one more sample.
+            window += [window[i % len(window)] for i in range(-len(window) % procs)]
+        shares = split_window(window, self.config.batch_size, procs)
+        units = self.algorithm.units
+        total = float(sum(units(s) for micro in shares for s in micro if s))
+        mine = [micro[self.accelerator.process_index] for micro in shares]
+        return ([Share(f, units(f)) if f else Share([micro[0][0]], 0.0, True)
+                 for f, micro in zip(mine, shares)], total, order)
 
     # -- one step ---------------------------------------------------------------------
     def _train_step(self) -> None:
@@ -140,44 +188,64 @@ class Trainer:
         (micro-batches of this process, units of the update across processes) per update,
         and may stop early. `pop_metrics()` adds per-step metrics (e.g. rollout scores).
         """
-        micro, total_units, ids = self._next_window()
+        shares, total_units, ids = self._next_window()
         self.model.train()
         plan = getattr(self.algorithm, "plan", None)
-        updates = plan(self.model, micro) if plan else [(micro, total_units)]
-        for update_micro, update_units in updates:
-            self._update(update_micro, update_units, ids)
+        if plan:
+            units = self.algorithm.units
+            updates = (([Share(f, units(f)) for f in micro], update_units)
+                       for micro, update_units in plan(self.model, [s.features for s in shares]))
+        else:
+            updates = [(shares, total_units)]
+        for update_shares, update_units in updates:
+            self._update(update_shares, update_units, ids)
         pop_metrics = getattr(self.algorithm, "pop_metrics", None)
         if pop_metrics:
             self.window.add(pop_metrics(), weight=1.0)
         self.scheduler.step()
         self.step += 1
 
-    def _update(self, micro: list[Features], total_units: float, ids: list[int]) -> None:
-        """Accumulate gradients over `micro` (this process's micro-batches), then step."""
+    def _update(self, shares: list[Share], total_units: float, ids: list[int]) -> None:
+        """Accumulate gradients over `shares` (this process's micro-batches), then step."""
         acc = self.accelerator
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         loss_sum = torch.zeros((), device=acc.device)
-        for k, features in enumerate(micro):
-            units = self.algorithm.units(features)
-            batch = to_device(self.algorithm.collate(features), acc.device)
-            sync = k == len(micro) - 1
+        for k, share in enumerate(shares):
+            batch = to_device(self.algorithm.collate(share.features), acc.device)
+            if share.stand_in:
+                batch[STAND_IN] = True
+            sync = k == len(shares) - 1
+            if deepspeed:
+                # DeepSpeed reduces and steps inside backward, where told the window ends.
+                acc.gradient_state._set_sync_gradients(sync)
             with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 loss, metrics = self.algorithm.compute_loss(self.model, batch)
                 # DDP averages gradients over processes: scale the share back up by P.
-                share = units / total_units if total_units else 0.0  # no loss tokens at all
-                acc.backward(loss * share * acc.num_processes)
-            loss_sum = loss_sum + loss.detach() * units
-            self.window.add({"loss": loss.detach(), **metrics}, weight=units)
+                # A stand-in (0 units) still runs backward, contributing zero gradients.
+                share_of_step = share.units / total_units if total_units else 0.0
+                acc.backward(loss * share_of_step * acc.num_processes)
+            if share.units:
+                loss_sum = loss_sum + loss.detach() * share.units
+                self.window.add({"loss": loss.detach(), **metrics}, weight=share.units)
         grad_norm = None
         if self.config.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        bad = not torch.isfinite(loss_sum).item()
-        if grad_norm is not None and not bad:
-            bad = not torch.isfinite(grad_norm).item()
-            self.window.add({"grad_norm": grad_norm}, weight=1.0)
-        if bad:
+            grad_norm = acc.clip_grad_norm_(self.clip_params, self.config.max_grad_norm)
+        if not self._all_finite(loss_sum, grad_norm):
             self._stop_non_finite(ids)
+        if grad_norm is not None:
+            self.window.add({"grad_norm": torch.as_tensor(grad_norm)}, weight=1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _all_finite(self, loss_sum: torch.Tensor, grad_norm: Any) -> bool:
+        """Whether loss and gradient norm are finite on every process, so that all of
+        them stop together (one stopping alone would leave the others waiting)."""
+        finite = torch.isfinite(loss_sum).float()
+        if grad_norm is not None:
+            finite = finite * torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.reshape(1), reduction="sum")
+        return bool(finite.sum().item() == self.accelerator.num_processes)
 
     def _stop_non_finite(self, ids: list[int]) -> None:
         ckpts = list_checkpoints(self.checkpoint_dir)
@@ -190,39 +258,62 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Means over the whole eval set; each process scores every P-th example.
+
+        Shards differ by one example at most, but every process runs the same number of
+        batches (FSDP and ZeRO-3 gather weights in each forward): one that runs out scores
+        a stand-in that is not counted. The weighted sums are then added across processes.
+        """
         acc = self.accelerator
         window = MetricWindow()
         self.model.eval()
         size = self.config.batch_size
         shard = self.eval_features[acc.process_index :: acc.num_processes]
-        for start in range(0, len(shard), size):
+        largest = math.ceil(len(self.eval_features) / acc.num_processes)
+        for start in range(0, largest, size):
             features = shard[start : start + size]
-            batch = to_device(self.algorithm.collate(features), acc.device)
+            batch = to_device(self.algorithm.collate(features or self.eval_features[:1]),
+                              acc.device)
+            if not features:
+                batch[STAND_IN] = True
             with acc.autocast():
                 loss, metrics = self.algorithm.compute_loss(self.model, batch)
-            window.add({"loss": loss, **metrics}, weight=self.algorithm.units(features))
+            if features:
+                window.add({"loss": loss, **metrics}, weight=self.algorithm.units(features))
+        window.reduce(self.gather)
         return {f"eval/{k}": v for k, v in window.means().items()}
 
     # -- checkpoints ------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        state = {"consumed": self.consumed, "window": self.window.state(),
-                 "total_steps": self.total_steps}
+        # The window's totals over every process; on resume only the main process takes
+        # them back, so the next log adds them up once.
+        state = {"consumed": self.consumed, "window": self.window.state(self.gather),
+                 "total_steps": self.total_steps, "num_processes": self.accelerator.num_processes,
+                 "engine": distributed.engine_name(self.accelerator)}
         if hasattr(self.algorithm, "state_dict"):
             state["algorithm"] = self.algorithm.state_dict()
         return state
 
     def save(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
+        """Write checkpoints/step-N (see train.checkpoint for the format of each engine)."""
+        acc, c = self.accelerator, self.config
+        acc.wait_for_everyone()
+        state = self._trainer_state()
+        if distributed.sharded_states(acc):
+            return save_sharded_checkpoint(self.checkpoint_dir, self.step, acc, self.scheduler,
+                                           state, c.save_total_limit)
+        rngs = self.gather(rng_state()) if self.gather else None
         path = None
-        if self.accelerator.is_main_process:
-            path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped,
-                                   self.optimizer, self.scheduler, self._trainer_state(),
-                                   self.config.save_total_limit)
-        self.accelerator.wait_for_everyone()
+        if acc.is_main_process:
+            path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped, self.optimizer,
+                                   self.scheduler, state, c.save_total_limit, rngs)
+        acc.wait_for_everyone()
         return path
 
     def maybe_resume(self) -> None:
-        c = self.config
+        """Every process loads the checkpoint (written by the main process, or by all of
+        them under FSDP / DeepSpeed), so the checkpoint directory must be shared."""
+        c, acc = self.config, self.accelerator
         if not (c.resume or c.resume_from):
             return
         if c.resume_from:
@@ -230,15 +321,22 @@ class Trainer:
         else:
             found = list_checkpoints(self.checkpoint_dir)
             if not found:
-                self.accelerator.print(f"no checkpoint in {self.checkpoint_dir}: starting fresh")
+                acc.print(f"no checkpoint in {self.checkpoint_dir}: starting fresh")
                 return
             path = found[-1]
-        state = load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler)
+        # Each loader refuses a checkpoint of the other format with a message saying why.
+        if distributed.sharded_states(acc):
+            state = load_sharded_checkpoint(path, acc, self.scheduler)
+        else:
+            state = load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler,
+                                    acc.process_index)
         self.step, self.consumed = state["step"], state["consumed"]
-        self.window.load_state(state.get("window", {}))
+        self.window.reset()
+        if acc.is_main_process:
+            self.window.load_state(state.get("window", {}))
         if "algorithm" in state:
             self.algorithm.load_state_dict(state["algorithm"])
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
+        acc.print(f"resumed from {path} at step {self.step}")
 
     # -- the loop ---------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -257,6 +355,7 @@ class Trainer:
                 record = None
                 if self.step % c.logging_steps == 0 or self.step == self.total_steps:
                     epoch = self.consumed / len(self.train_features)
+                    self.window.reduce(self.gather)
                     record = {"epoch": round(epoch, 4), "lr": lr, **self.window.means()}
                     self.window.reset()
                     bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", *self.algorithm.progress_keys)
@@ -282,13 +381,16 @@ class Trainer:
 
 
 def split_window(window: Features, batch_size: int, procs: int) -> list[list[Features]]:
-    """Cut a step's examples into micro-batches, each into one share per process.
+    """Cut a step's examples into micro-batches of up to batch_size x procs rows, and each
+    micro-batch into one share per process, sizes differing by one row at most.
 
-    (micro-batch k, process r) -> features; the last micro-batch may be smaller.
+    (micro-batch k, process r) -> features. Only the last micro-batch may be smaller; when
+    it has fewer rows than processes, some shares are empty (the loop runs stand-ins).
     """
     shares = []
     for start in range(0, len(window), batch_size * procs):
         chunk = window[start : start + batch_size * procs]
-        size = math.ceil(len(chunk) / procs)
-        shares.append([chunk[r * size : (r + 1) * size] for r in range(procs)])
+        size, extra = divmod(len(chunk), procs)
+        bounds = [r * size + min(r, extra) for r in range(procs + 1)]
+        shares.append([chunk[bounds[r] : bounds[r + 1]] for r in range(procs)])
     return shares

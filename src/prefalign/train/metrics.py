@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prefalign.errors import ConfigError
+
+# Gathers one picklable object from every process: [object of rank 0, rank 1, ...].
+Gather = Callable[[Any], list[Any]]
 
 
 class MetricWindow:
@@ -19,6 +23,10 @@ class MetricWindow:
     Each micro-batch reports means over its own rows; weighting them by the number of rows
     gives the mean over every row of the window, whatever the micro-batch sizes. Tensors
     are summed on their device and read once per log, so logging adds no per-step sync.
+
+    Under data parallelism each process holds the sums of its own rows; `reduce(gather)`
+    replaces them by the sums over every process, so the means are those of the global
+    batch however unevenly rows were shared. It costs one collective per log, not per step.
     """
 
     def __init__(self) -> None:
@@ -35,9 +43,31 @@ class MetricWindow:
     def means(self) -> dict[str, float]:
         return {k: float(self.sums[k]) / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
-    def state(self) -> dict[str, dict[str, float]]:
-        """Plain numbers, for checkpoints: a resumed window continues the same averages."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "weights": dict(self.weights)}
+    def totals(self, gather: Gather | None = None) -> dict[str, dict[str, float]]:
+        """Sums and weights as plain numbers; with `gather`, added up over every process.
+
+        gather(obj) -> [obj of every process]: a process that saw no row of a metric (e.g.
+        KTO's rewards/chosen) simply contributes nothing to it.
+        """
+        local = {k: (float(v), self.weights[k]) for k, v in self.sums.items()}
+        parts = gather(local) if gather is not None else [local]
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for part in parts:
+            for name, (value, weight) in part.items():
+                sums[name] = sums.get(name, 0.0) + value
+                weights[name] = weights.get(name, 0.0) + weight
+        return {"sums": sums, "weights": weights}
+
+    def reduce(self, gather: Gather | None) -> None:
+        """Replace this process's sums by those over every process (all must call it)."""
+        if gather is not None:
+            self.load_state(self.totals(gather))
+
+    def state(self, gather: Gather | None = None) -> dict[str, dict[str, float]]:
+        """Plain numbers, for checkpoints: a resumed window continues the same averages.
+        With `gather`, the totals over every process (restore them on one process only)."""
+        return self.totals(gather)
 
     def load_state(self, state: dict[str, dict[str, float]]) -> None:
         self.sums = dict(state.get("sums", {}))
