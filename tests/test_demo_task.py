@@ -32,3 +32,13 @@ def test_corpus_has_mixed_sentiment_and_prompts_are_neutral():
     assert min(scores) < 0.2 and max(scores) > 0.8
     assert 0.4 < sum(scores) / len(scores) < 0.6
     assert all(sentiment_score(p) == 0.5 for p in review_prompts(50))
+
+
+def test_word_level_tokenizer_keeps_words_whole():
+    from prefalign.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(review_corpus(200), vocab_size=400, kind="word")
+    ids = tokenizer(" wonderful and clumsy.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["wonderful", "and", "clumsy", "."]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("splendid")["input_ids"]) == ["<unk>"]
+    assert sentiment_score(tokenizer.decode(ids)) == sentiment_score(" wonderful and clumsy.")

@@ -46,23 +46,33 @@ _DEFAULT_CORPUS = [
 
 
 def build_tokenizer(
-    corpus: Iterable[str] | None = None, vocab_size: int = 512
+    corpus: Iterable[str] | None = None, vocab_size: int = 512, kind: str = "bpe"
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer locally and wrap it for transformers.
+    """Train a tokenizer locally and wrap it for transformers.
 
-    Byte-level means every string is encodable (no unknown characters), like GPT-2/Llama-3.
+    kind="bpe": byte-level BPE, so every string is encodable (like GPT-2/Llama-3).
+    kind="word": one token per word or punctuation mark of the corpus (others are <unk>);
+    a tiny model then cannot spell out garbage from bytes, which keeps small demos legible.
     pad, bos and eos are distinct special tokens; the chat template ends each turn with EOS.
     """
     texts = list(corpus) if corpus is not None else _DEFAULT_CORPUS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "word":
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                            show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}: use bpe or word")
     tok.train_from_iterator(texts * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -109,7 +109,7 @@ def build_base(folder: Path, s: DemoSettings) -> dict[str, Any]:
     from prefalign.tiny import build_model, build_tokenizer
 
     corpus = review_corpus(s.corpus, seed=s.seed)
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
+    tokenizer = build_tokenizer(corpus, vocab_size=400, kind="word")
     model = build_model(tokenizer, arch="llama", hidden_size=s.hidden, num_layers=s.layers,
                         num_heads=4, seed=s.seed)
     model.save_pretrained(folder)
@@ -183,7 +183,7 @@ def train_ppo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: dic
 
     result = run_ppo(PPOConfig(model=sft["model"], reward_model=reward["model"],
                                data=pairs["train_prompts"], output_dir=str(folder), lora_r=0,
-                               learning_rate=1e-4, batch_size=32, grad_accum=1,
+                               learning_rate=3e-4, batch_size=32, grad_accum=1,
                                max_steps=s.ppo_steps, max_new_tokens=s.max_new_tokens,
                                temperature=1.0, kl_coef=kl_coef, ppo_epochs=2, **_common(s)))
     last = result.history[-1]
