@@ -28,4 +28,4 @@ def test_quick_demo_runs_the_whole_pipeline_and_reuses_stages(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     again = capsys.readouterr().out
-    assert again.count("reused") == 8  # base, sft, pairs, reward, 2 DPO, 2 PPO
+    assert again.count(": reused ") == 8  # base, sft, pairs, reward, 2 DPO, 2 PPO
