@@ -8,7 +8,10 @@ only, and each chunk of logits is reduced at once to "target logit minus logsume
 With `chunk_size` set, each chunk is wrapped in activation checkpointing, so the backward
 pass also holds one chunk of logits at a time: peak memory no longer grows with
 batch x length x vocabulary. Without it, the selected logits of the whole batch are
-kept for backward (fastest when the vocabulary is small).
+kept for backward (fastest: no recomputation), reduced a few rows at a time.
+
+Per-token statistics (mean logit, entropy, whether the target is the argmax) are read off
+the same fp32 chunk of logits, without gradients, so metrics cost no second LM-head pass.
 
 Models whose logits are not a plain linear map of the last hidden state (logit
 soft-capping, logit scaling) take the exact fallback: the model's own logits, reduced in
@@ -23,10 +26,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from prefalign.packing import PackedInputs, attention_bias
+
 # Config attributes that mean the LM head is not the whole story between hidden state
 # and logits; such models go through their own forward.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-_FALLBACK_CHUNK = 4096
+# Without chunk_size, the logits of all scored tokens are kept for backward anyway, but
+# they are reduced this many elements (rows x vocabulary) at a time, so the fp32
+# temporaries of logsumexp and the statistics stay small next to what is kept.
+_REDUCE_ELEMENTS = 1 << 25
+
+
+def _default_rows(vocab: int) -> int:
+    return max(1, _REDUCE_ELEMENTS // max(vocab, 1))
 
 
 @dataclass
@@ -38,6 +50,7 @@ class CompletionLogps:
     logps (B,): sum of token_logps per sequence.  lengths (B,): number of scored tokens.
     mean_logits (B, T) / entropy (B, T): detached per-token statistics when asked for.
     hidden_states (B, T, H): the backbone's last hidden state when asked for (value heads).
+    top1 (B, T) bool: where `mask`, the token is the argmax of the logits, when asked for.
     """
 
     token_logps: Tensor
@@ -47,6 +60,7 @@ class CompletionLogps:
     mean_logits: Tensor | None = None
     entropy: Tensor | None = None
     hidden_states: Tensor | None = None
+    top1: Tensor | None = None
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -54,18 +68,69 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _reduce_chunk(logits: Tensor, targets: Tensor) -> Tensor:
-    """(n, V) logits, (n,) targets -> (n,) fp32 log-probs; one fp32 chunk at a time."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _TargetLogProb(torch.autograd.Function):
+    """(n, V) fp32 logits, (n,) targets -> (n,) log softmax(logits)[target], (n,) logsumexp.
+
+    The same numbers as gather minus logsumexp, with a backward that holds one (n, V)
+    temporary: d/dlogits = grad * (onehot(target) - softmax(logits)), built in place.
+    Autograd's own backward of gather and logsumexp holds several at once, which set
+    the peak memory of the whole step.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.mark_non_differentiable(lse)
+        return picked - lse, lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _unused: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_logits, None
 
 
-@torch.no_grad()
-def _chunk_stats(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean logit and entropy per row of (n, V) logits, for metrics only."""
+def _reduce_chunk(logits: Tensor, targets: Tensor, stats: bool = False, top1: bool = False
+                  ) -> tuple[Tensor, Tensor]:
+    """(n, V) logits, (n,) targets -> (n,) fp32 log-probs and (n, k) detached columns:
+    [mean logit, entropy] with stats, then [1.0 where the target is the argmax] with top1.
+
+    The columns are read off the same fp32 chunk as the log-probs, so metrics need no
+    second LM-head product.
+    """
     logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return logits.mean(-1), -(logp.exp() * logp).sum(-1)
+    logps, lse = _TargetLogProb.apply(logits, targets)
+    columns = []
+    with torch.no_grad():
+        if stats:
+            detached = logits.detach()
+            logp = torch.log_softmax(detached, dim=-1)
+            # In place where possible: the statistics hold two chunks of logits' size at
+            # once, not three.
+            entropy = -logp.exp().mul_(logp).sum(-1)
+            columns += [detached.mean(-1), entropy]
+        if top1:
+            columns.append((logits.detach().argmax(-1) == targets).float())
+    extra = torch.stack(columns, -1) if columns else logps.detach().new_zeros(len(logps), 0)
+    return logps, extra
+
+
+class _OnceStats:
+    """One checkpointed chunk: statistics on the forward call only.
+
+    Backward's recompute needs the log-probs alone; the statistics carry no gradient and
+    were already returned, so recomputing them would only cost time.
+    """
+
+    def __init__(self, head, stats: bool, top1: bool) -> None:
+        self.head, self.flags = head, (stats, top1)
+
+    def __call__(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        flags, self.flags = self.flags, (False, False)
+        return _reduce_chunk(self.head(h), t, *flags)
 
 
 def _head_logps(
@@ -74,33 +139,28 @@ def _head_logps(
     targets: Tensor,
     chunk_size: int | None,
     stats: bool,
+    top1: bool,
     recompute: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(N, H) hidden states of scored positions -> (N,) log-probs (+ optional stats).
+    vocab: int,
+) -> tuple[Tensor, Tensor]:
+    """(N, H) hidden states of scored positions -> (N,) log-probs, (N, k) statistics
+    (see _reduce_chunk).
 
-    recompute: checkpoint each chunk so backward rebuilds its logits instead of keeping them.
+    recompute: checkpoint each chunk so backward rebuilds its logits instead of keeping them;
+    the statistics are outputs of the same checkpointed chunk (without gradients).
     """
-
-    def reduce(h: Tensor, t: Tensor) -> Tensor:
-        return _reduce_chunk(head(h), t)
-
     n = hidden.shape[0]
-    size = max(chunk_size or n, 1)
-    pieces, means, ents = [], [], []
+    size = max(chunk_size or _default_rows(vocab), 1)
+    pieces, columns = [], []
     for start in range(0, max(n, 1), size):
         h, t = hidden[start : start + size], targets[start : start + size]
         if recompute and h.requires_grad:
-            pieces.append(checkpoint(reduce, h, t, use_reentrant=False))
-            logits = head(h.detach()) if stats else None
+            logps, extra = checkpoint(_OnceStats(head, stats, top1), h, t, use_reentrant=False)
         else:
-            logits = head(h)
-            pieces.append(_reduce_chunk(logits, t))
-        if stats:
-            m, e = _chunk_stats(logits.detach())
-            means.append(m)
-            ents.append(e)
-    cat = torch.cat
-    return cat(pieces), (cat(means) if stats else None), (cat(ents) if stats else None)
+            logps, extra = _reduce_chunk(head(h), t, stats, top1)
+        pieces.append(logps)
+        columns.append(extra)
+    return torch.cat(pieces), torch.cat(columns)
 
 
 def _uses_plain_head(model: nn.Module) -> bool:
@@ -128,36 +188,54 @@ def completion_logps(
     *,
     chunk_size: int | None = None,
     stats: bool = False,
+    top1: bool = False,
     return_hidden: bool = False,
     temperature: float = 1.0,
+    packed: PackedInputs | None = None,
 ) -> CompletionLogps:
     """Log-probs of the completion tokens of (B, T) `input_ids` under `model`.
 
     completion_mask (B, T) bool marks the tokens to score (aligned with input_ids);
     position ids are derived from attention_mask so left padding gives the same result.
     temperature divides the logits (PPO scores samples drawn at that temperature).
+    top1: also tell, per scored token, whether it is the argmax of the logits.
+    packed: the model reads this layout instead (packing, prefix sharing; see
+    prefalign.packing); the result is still in the layout of input_ids. hidden_states are
+    then the model's own (R, S, H) layout.
     """
     mask = completion_mask.bool() & attention_mask.bool()
     mask[:, 0] = False  # the first token has no prefix to be predicted from
+    if packed is not None and packed.source is None:
+        mask &= packed.position_ids != 0  # a packed sequence's first token, likewise
     select = mask[:, 1:]
     targets = input_ids[:, 1:][select]
-    position_ids = position_ids_from_mask(attention_mask)
-    plain = _uses_plain_head(model)
-    if plain:
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False)
+    if packed is None:
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask))
+    else:
+        inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      attention_mask=attention_bias(model, packed.attention_mask))
+
+    def scored(states: Tensor) -> Tensor:
+        """(R, S, ...) model outputs -> (N, ...) at the positions predicting each target."""
+        if packed is None or packed.source is None:
+            return states[:, :-1][select]
+        return states.flatten(0, 1)[packed.source[:, 1:][select]]
+
+    if _uses_plain_head(model):
+        out = model.base_model(**inputs, use_cache=False)
         hidden = out.last_hidden_state
         lm_head = model.get_output_embeddings()
         head = lm_head if temperature == 1.0 else (lambda h: lm_head(h) / temperature)
-        flat, means, ents = _head_logps(hidden[:, :-1][select], head, targets, chunk_size,
-                                        stats, recompute=chunk_size is not None)
+        flat, extra = _head_logps(scored(hidden), head, targets, chunk_size, stats, top1,
+                                  recompute=chunk_size is not None,
+                                  vocab=lm_head.weight.shape[0])
     else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, output_hidden_states=return_hidden)
+        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden)
         hidden = out.hidden_states[-1] if return_hidden else None
-        logits = out.logits[:, :-1][select] / temperature
-        flat, means, ents = _head_logps(logits, nn.Identity(), targets,
-                                        chunk_size or _FALLBACK_CHUNK, stats, recompute=False)
+        flat, extra = _head_logps(scored(out.logits) / temperature, nn.Identity(), targets,
+                                  chunk_size, stats, top1, recompute=False,
+                                  vocab=out.logits.shape[-1])
     shape = select.shape
     token_logps = _scatter(flat, select, shape)
     return CompletionLogps(
@@ -165,9 +243,10 @@ def completion_logps(
         mask=mask,
         logps=token_logps.sum(-1),
         lengths=mask.sum(-1).to(token_logps.dtype),
-        mean_logits=_scatter(means, select, shape) if stats else None,
-        entropy=_scatter(ents, select, shape) if stats else None,
+        mean_logits=_scatter(extra[:, 0], select, shape) if stats else None,
+        entropy=_scatter(extra[:, 1], select, shape) if stats else None,
         hidden_states=hidden if return_hidden else None,
+        top1=_scatter(extra[:, -1], select, shape).bool() if top1 else None,
     )
 
 

@@ -39,6 +39,7 @@ from prefalign.losses import (
     nll_loss,
     preference_loss,
 )
+from prefalign.packing import fallback_note, packed_kwargs, share_prefix
 from prefalign.train.config import TrainConfig
 from prefalign.train.loop import Trainer, TrainResult
 
@@ -56,6 +57,9 @@ class DPOConfig(TrainConfig):
     ref_model: str | None = option(None, "reference model dir; none = the starting model")
     precompute_ref: bool = option(
         False, "compute reference log-probs once before training and cache them on disk")
+    prefix_sharing: bool = option(
+        False, "one row per pair, [prompt | chosen | rejected], so the prompt is computed "
+        "once (rejected tokens do not attend to chosen ones); the same numbers")
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +104,8 @@ class DPO:
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_preferences(features, self.pad_token_id)
+        if self.config.prefix_sharing:
+            batch.update(share_prefix(features, self.pad_token_id, batch["input_ids"].shape[1]))
         if "ref_chosen_logps" in features[0]:
             batch["ref_logps"] = torch.tensor(
                 [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features])
@@ -118,14 +124,15 @@ class DPO:
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        out: CompletionLogps = model(*inputs, stats=True)
+        shared = packed_kwargs(batch)
+        out: CompletionLogps = model(*inputs, stats=True, **shared)
         half = out.logps.shape[0] // 2
         if self.config.reference_free:
             ref = None
         elif "ref_logps" in batch:
             ref = batch["ref_logps"].to(out.logps)
         else:
-            ref = self.reference(model, *inputs)
+            ref = self.reference(model, *inputs, **shared)
         logps = PairLogps(
             chosen=out.logps[:half], rejected=out.logps[half:],
             ref_chosen=None if ref is None else ref[:half],
@@ -177,6 +184,12 @@ def run_dpo(config: DPOConfig, accelerator=None) -> TrainResult:
         else:
             reference = ReferenceScorer(None)  # the policy with its adapters disabled
         reference.to(run.accelerator.device)
+    if config.prefix_sharing:
+        models = [run.model] + ([reference.frozen.model] if reference and reference.frozen else [])
+        note = next(filter(None, (fallback_note(m, "prefix_sharing") for m in models)), None)
+        if note:
+            run.print(note)
+            config.prefix_sharing = False
     policy = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
     if config.precompute_ref:
         identity = f"{config.ref_model or model_reference(config.model)}|lora={run.is_lora}"

@@ -18,25 +18,26 @@ micro-batches and overstate the perplexity (Jensen's inequality).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
 from prefalign.algorithms.runner import Run, finish_run, start_run
 from prefalign.config import option
-from prefalign.data.instructions import collate_instructions, load_instructions, loss_token_count
+from prefalign.data.instructions import (
+    collate_instructions,
+    load_instructions,
+    loss_mask,
+    loss_token_count,
+)
 from prefalign.logprobs import CompletionLogps, LogpsModel
 from prefalign.losses import nll_loss
+from prefalign.packing import fallback_note, pack_sequences, packed_kwargs
 from prefalign.train.config import TrainConfig
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.metrics import MetricWindow
-
-# Scored positions per LM-head call when finding each token's argmax: bounds the (n, V)
-# logits held at once when logps_chunk_size is not set.
-_TOP1_CHUNK = 1024
 
 
 @dataclass
@@ -48,6 +49,9 @@ class SFTConfig(TrainConfig):
     completion_only_loss: bool = option(
         True, "loss on completions (every assistant turn of `messages` rows) only; "
         "false = on every token, prompts included")
+    packing: bool = option(
+        False, "pack several examples into rows of up to max_length tokens (position ids "
+        "restart, block-diagonal attention): less padding, the same loss")
 
     @property
     def lr(self) -> float:
@@ -56,47 +60,18 @@ class SFTConfig(TrainConfig):
         return 2e-4 if self.lora_r > 0 else 2e-5
 
 
-@dataclass
-class SFTLogps(CompletionLogps):
-    """CompletionLogps plus top1 (B, T) bool: where `mask`, the token is the argmax."""
-
-    top1: Tensor | None = None
-
-
 class TopOneLogpsModel(LogpsModel):
     """A LogpsModel that also tells, per scored token, whether it is the model's argmax.
 
-    The argmax is taken inside forward, so data-parallel wrappers (DDP, FSDP) see every use
-    of the weights within their forward. It costs one extra LM-head product on the scored
-    positions, without gradients and chunked, so no second full-vocabulary tensor is held.
+    The argmax is read off the chunks of logits the log-probs are computed from, inside
+    forward (so data-parallel wrappers see every use of the weights there), at no extra
+    LM-head cost.
     """
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
-                **kwargs) -> SFTLogps:
-        want_hidden = kwargs.pop("return_hidden", False)
-        out = super().forward(input_ids, attention_mask, completion_mask, return_hidden=True,
-                              **kwargs)
-        values = {f.name: getattr(out, f.name) for f in fields(out)}
-        values["top1"] = self._top1(out.hidden_states, input_ids, out.mask)
-        if not want_hidden:
-            values["hidden_states"] = None
-        return SFTLogps(**values)
-
-    @torch.no_grad()
-    def _top1(self, hidden: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor | None:
-        head = self.model.get_output_embeddings()
-        if head is None:
-            return None
-        # Logit soft-capping and scaling are monotonic: the argmax of the head is the model's.
-        select = mask[:, 1:]
-        states, targets = hidden[:, :-1][select], input_ids[:, 1:][select]
-        size = self.chunk_size or _TOP1_CHUNK
-        hits = [head(states[s : s + size]).argmax(-1) == targets[s : s + size]
-                for s in range(0, states.shape[0], size)]
-        top1 = torch.zeros_like(mask)
-        if hits:
-            top1[:, 1:][select] = torch.cat(hits)
-        return top1
+                **kwargs) -> CompletionLogps:
+        kwargs.setdefault("top1", True)
+        return super().forward(input_ids, attention_mask, completion_mask, **kwargs)
 
 
 class SFT:
@@ -109,15 +84,21 @@ class SFT:
         self.pad_token_id = pad_token_id
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_instructions(features, self.pad_token_id,
-                                    self.config.completion_only_loss)
+        only = self.config.completion_only_loss
+        if not self.config.packing:
+            return collate_instructions(features, self.pad_token_id, only)
+        sequences = [list(f["prompt_input_ids"]) + list(f["completion_input_ids"])
+                     for f in features]
+        masks = [loss_mask(f, only) for f in features]
+        return pack_sequences(sequences, masks, self.pad_token_id, self.config.max_length)
 
     def units(self, features: list[dict[str, Any]]) -> float:
         return float(sum(loss_token_count(f, self.config.completion_only_loss)
                          for f in features))
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                    **packed_kwargs(batch))
         loss = nll_loss(out.token_logps, out.mask)
         metrics = {}
         top1 = getattr(out, "top1", None)
@@ -176,6 +157,10 @@ def run_sft(config: SFTConfig, accelerator: Accelerator | None = None) -> TrainR
     run = start_run(config, accelerator)
     train = load_examples(config.data, run, "data")
     evals = load_examples(config.eval_data, run, "eval_data") if config.eval_data else []
+    note = fallback_note(run.model, "packing") if config.packing else None
+    if note:
+        run.print(note)
+        config.packing = False
     policy = TopOneLogpsModel(run.model, chunk_size=config.logps_chunk_size)
     algorithm = SFT(config, run.tokenizer.pad_token_id)
     trainer = SFTTrainer(config, policy, algorithm, train, evals, run.accelerator)
