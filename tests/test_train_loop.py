@@ -69,6 +69,31 @@ def test_epochs_cover_every_example_once_per_epoch(tmp_path):
     assert epoch_order(9, 42, 0) != epoch_order(9, 42, 1)
 
 
+def test_group_by_length_micro_batches_hold_similar_lengths(tmp_path):
+    """40 examples of lengths 1..40, batch 4: grouped micro-batches cover each example once
+    per epoch and span at most a few lengths, where shuffled ones span many."""
+    class Recording(Regression):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def collate(self, features):
+            self.batches.append([len(f["prompt_input_ids"]) for f in features])
+            return super().collate(features)
+
+    data = [{**row, "prompt_input_ids": [1] * (i + 1)} for i, row in enumerate(rows(40))]
+    spans = {}
+    for grouped in (False, True):
+        algorithm = Recording()
+        Trainer(cfg(tmp_path / str(grouped), max_steps=None, epochs=2, grad_accum=1,
+                    batch_size=4, group_by_length=grouped),
+                torch.nn.Linear(3, 1), algorithm, data).train()
+        for epoch in (algorithm.batches[:10], algorithm.batches[10:]):
+            assert sorted(n for batch in epoch for n in batch) == list(range(1, 41))
+        spans[grouped] = max(max(b) - min(b) for b in algorithm.batches)
+    assert spans[True] == 3 and spans[False] > 10
+
+
 def test_split_window_shares_micro_batches_across_processes():
     window = list(range(7))
     assert split_window(window, batch_size=2, procs=2) == [[[0, 1], [2, 3]], [[4, 5], [6]]]

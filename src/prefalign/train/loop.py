@@ -38,6 +38,7 @@ from transformers import get_scheduler
 
 from prefalign.errors import PrefalignError
 from prefalign.train import distributed
+from prefalign.train.batching import epoch_generator, feature_length, length_grouped_order
 from prefalign.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -91,8 +92,7 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    return torch.randperm(n, generator=epoch_generator(seed, epoch)).tolist()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -143,6 +143,7 @@ class Trainer:
         self.window = MetricWindow()
         self.step = 0
         self.consumed = 0  # examples consumed, all epochs, all processes
+        self._lengths: list[int] | None = None  # per example, for group_by_length
 
     # -- data -------------------------------------------------------------------------
     @property
@@ -157,6 +158,17 @@ class Trainer:
         per_epoch = math.ceil(len(self.train_features) / self.global_batch)
         return per_epoch * self.config.epochs
 
+    def _epoch_order(self, epoch: int) -> list[int]:
+        n, seed = len(self.train_features), self.config.seed
+        if not self.config.group_by_length:
+            return epoch_order(n, seed, epoch)
+        if self._lengths is None:
+            self._lengths = [feature_length(f) for f in self.train_features]
+        # One group = one micro-batch across processes, so each process's share of it
+        # holds examples of similar length.
+        group = self.config.batch_size * self.accelerator.num_processes
+        return length_grouped_order(self._lengths, seed, epoch, group)
+
     def _next_window(self) -> tuple[list[Share], float, list[Any]]:
         """This process's micro-batches for the next step, the step's total units, its ids.
 
@@ -164,7 +176,7 @@ class Trainer:
         """
         n = len(self.train_features)
         epoch, offset = divmod(self.consumed, n)
-        order = epoch_order(n, self.config.seed, epoch)[offset : offset + self.global_batch]
+        order = self._epoch_order(epoch)[offset : offset + self.global_batch]
         self.consumed += len(order)
         window = [self.train_features[i] for i in order]
         procs = self.accelerator.num_processes
