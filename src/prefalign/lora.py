@@ -68,9 +68,11 @@ class LoRASettings:
 
 
 def _in_out(layer: nn.Module) -> tuple[int, int]:
-    # Conv1D stores its weight as (in, out) and computes x @ W + b; nn.Linear's is (out, in).
-    in_f, out_f = layer.weight.shape if isinstance(layer, Conv1D) else layer.weight.shape[::-1]
-    return in_f, out_f
+    # Conv1D stores its weight as (in, out) and computes x @ W + b. nn.Linear subclasses
+    # report their sizes: a bitsandbytes Linear4bit's weight is packed into another shape.
+    if isinstance(layer, Conv1D):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
 
 
 class LoRALinear(nn.Module):
@@ -96,7 +98,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = _in_out(base_layer)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # Quantized (integer) base weights get float32 adapters too, as in QLoRA.
+        low = weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point
+        dtype = torch.float32 if low else weight.dtype
         kw = dict(bias=False, device=weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, **kw)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, **kw)  # weight (out, r)
@@ -132,6 +136,9 @@ class LoRALinear(nn.Module):
             return
         if self.disabled:
             raise RuntimeError("cannot merge LoRA while adapters are disabled")
+        if not self.base_layer.weight.dtype.is_floating_point:
+            raise RuntimeError("cannot merge LoRA into quantized base weights: save the adapter "
+                               "and merge it into the full-precision base model")
         w = self.base_layer.weight
         # Add in float32 so a bf16 base loses as little as possible of the update.
         w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -39,17 +41,55 @@ def _is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(kind: str):
+    """transformers' BitsAndBytesConfig for `kind`, or a PrefalignError saying what is missing.
+
+    4bit is QLoRA's recipe (Dettmers et al. 2023, arXiv:2305.14314): NF4 weights, double
+    quantization of the scales, bf16 compute.
+    """
+    if kind not in QUANTIZATIONS:
+        raise PrefalignError(f"unknown quantization {kind!r}: use one of {QUANTIZATIONS}")
+    flag = f"--load-in-{kind}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PrefalignError(f"{flag} needs the bitsandbytes package "
+                             "(pip install bitsandbytes) and a CUDA GPU")
+    if not torch.cuda.is_available():
+        raise PrefalignError(f"{flag} needs a CUDA GPU: bitsandbytes quantized weights "
+                             "do not train on this machine")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False,
+                   quantization: str | None = None) -> PreTrainedModel:
     """A causal LM from a model directory, a prefalign adapter directory or a cached hub id.
 
     An adapter directory (PEFT format, e.g. the output of `prefalign sft` with LoRA) is
     loaded onto its base model and merged, so the result is the fine-tuned model itself:
     the starting point and the reference of the next stage.
+    quantization: "4bit" | "8bit" loads the weights through bitsandbytes (CUDA only).
     """
     from prefalign.lora import ADAPTER_CONFIG, load_adapter, unload_lora
 
     local = Path(path)
+    extra = {}
+    if quantization is not None:
+        # Quantized weights are made on the GPU they will live on (this process's device).
+        extra = {"quantization_config": quantization_config(quantization),
+                 "device_map": {"": torch.cuda.current_device()}}
     if local.is_dir() and _is_adapter_dir(local):
+        if quantization is not None:
+            # Merging needs full-precision base weights; a quantized merge would round twice.
+            raise PrefalignError(f"{path} is a LoRA adapter: load it in {quantization} after "
+                                 "merging (--merge writes final-merged) and pass that directory")
         base = json.loads((local / ADAPTER_CONFIG).read_text("utf-8")).get("base_model_name_or_path")
         if not base:
             raise PrefalignError(f"{local / ADAPTER_CONFIG} names no base_model_name_or_path; "
@@ -63,7 +103,8 @@ def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedMode
         model.name_or_path = str(local)
         return model
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                     **extra)
     except (OSError, ValueError) as exc:
         hint = "" if local.exists() else " (no such directory; the hub is not reachable offline)"
         raise PrefalignError(f"cannot load a causal LM from {path}{hint}: "

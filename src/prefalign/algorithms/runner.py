@@ -58,7 +58,7 @@ def start_run(config: TrainConfig, accelerator: Accelerator | None = None,
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     if load_model is None:
-        model = load_causal_lm(config.model, config.trust_remote_code)
+        model = load_causal_lm(config.model, config.trust_remote_code, config.quantization)
         prepare_for_training(model, config)
     else:
         model = load_model(tokenizer)

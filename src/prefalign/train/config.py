@@ -51,6 +51,13 @@ class TrainConfig:
     merge: bool = option(False, "also save the LoRA-merged model in output_dir/final-merged")
     logps_chunk_size: int | None = option(
         None, "score this many tokens at a time through the LM head (bounds logits memory)")
+    group_by_length: bool = option(
+        False, "shuffle, then put examples of similar length in the same micro-batch "
+        "(less padding)")
+    load_in_4bit: bool = option(
+        False, "load the base weights in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only)")
+    load_in_8bit: bool = option(
+        False, "load the base weights in 8-bit through bitsandbytes (CUDA only)")
     strict: bool = option(False, "stop on droppable rows instead of dropping them with a count")
     trust_remote_code: bool = option(False, "allow model code from the model directory to run")
 
@@ -76,6 +83,18 @@ class TrainConfig:
         require(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         require(self.logps_chunk_size is None or self.logps_chunk_size >= 1, "logps_chunk_size",
                 "must be >= 1")
+        require(not (self.load_in_4bit and self.load_in_8bit), "load_in_4bit",
+                "and load_in_8bit exclude each other")
+        require(self.quantization is None or self.lora_r > 0, "lora_r",
+                "must be > 0 with quantized base weights (they cannot be trained directly)")
+        require(self.quantization is None or not self.merge, "merge",
+                "needs full-precision base weights: train quantized, then merge the saved "
+                "adapter into the unquantized base model")
+
+    @property
+    def quantization(self) -> str | None:
+        """"4bit", "8bit" or None: how models.load_causal_lm loads the base weights."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
     @property
     def lr(self) -> float:
