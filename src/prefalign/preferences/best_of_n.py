@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prefalign.errors import ConfigError, DataError
+from prefalign.errors import ConfigError, DataError, writing
 
 PAIRINGS = ("extremes", "all")
+# What a failed write (disk full) leaves: the restart cuts the files back to the last commit.
+COMMITTED_KEPT = " (the rows committed so far are kept: the same command continues)"
 SKIP_REASONS = ("identical text", "tied score", "gap below min_gap", "duplicate pair")
 
 
@@ -69,9 +71,10 @@ class Journal:
 
     def open(self) -> dict[int, dict]:
         """Prepare the files; returns the committed records by item index."""
-        records = self._recover() if self.log.exists() else self._start()
-        self.handles = {name: open(path, "ab") for name, path in self.files.items()}
-        self.handles["_log"] = open(self.log, "ab")
+        with writing(self.log, COMMITTED_KEPT, "--output"):
+            records = self._recover() if self.log.exists() else self._start()
+            self.handles = {name: open(path, "ab") for name, path in self.files.items()}
+            self.handles["_log"] = open(self.log, "ab")
         return {r["index"]: r for r in records}
 
     def _start(self) -> list[dict]:
@@ -139,9 +142,11 @@ class Journal:
                 chunks[name].append(data)
                 sizes[name] += len(data)
             log_lines.append(json.dumps({"index": index, "key": key, "sizes": dict(sizes)}))
-        for name in self.files:
-            _write_synced(self.handles[name], b"".join(chunks[name]))
-        _write_synced(self.handles["_log"], "".join(s + "\n" for s in log_lines).encode())
+        for name, path in self.files.items():
+            with writing(path, COMMITTED_KEPT, "--output"):
+                _write_synced(self.handles[name], b"".join(chunks[name]))
+        with writing(self.log, COMMITTED_KEPT, "--output"):
+            _write_synced(self.handles["_log"], "".join(s + "\n" for s in log_lines).encode())
 
     def close(self) -> None:
         for handle in self.handles.values():

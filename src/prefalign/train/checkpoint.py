@@ -2,8 +2,12 @@
 
 A checkpoint holds what an exact resume needs: weights, optimizer, scheduler, every
 process's RNG state and the data position. A directory without its `trainer_state.json`
-(written last, inside the temp dir) is never picked up. Two formats, by engine; the
-`format` field of trainer_state.json says which one a checkpoint is:
+(written last, inside the temp dir) is never picked up; temp dirs that a crash or kill -9
+left behind are deleted by the next save. A failed write (disk full, read-only folder)
+removes its temp dir and raises a one-line OutputError; earlier checkpoints stay as they
+were.
+
+Two formats, by engine; the `format` field of trainer_state.json says which one it is:
 
   "safetensors" (one process, DDP): the main process writes trainable.safetensors (the
       trainable parameters only: the adapter for LoRA runs, the whole model otherwise),
@@ -30,9 +34,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefalign.errors import PrefalignError
+from prefalign.errors import PrefalignError, output_error, writing
 
 STATE_FILE = "trainer_state.json"
+TEMP_PREFIX = ".step-"  # checkpoints are written under this name, then renamed to step-N
+KEPT = " (earlier checkpoints are intact: continue from the newest with --resume)"
 SAFETENSORS, ACCELERATE = "safetensors", "accelerate"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -70,16 +76,18 @@ def save_checkpoint(
 
     rng_states: every process's RNG state in rank order (default: this process's only).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step:07d}-", dir=root))
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         for rank, state in enumerate(rng_states or [rng_state()]):
             torch.save(state, tmp / _rng_file(rank))
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(root / f"step-{step:07d}", exc) from None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what a full disk let us write
+        raise output_error(root / f"step-{step:07d}", exc, KEPT) from None
     return _complete(root, tmp, step, scheduler, {**trainer_state, "format": SAFETENSORS}, keep)
 
 
@@ -89,12 +97,13 @@ def save_sharded_checkpoint(root: Path, step: int, accelerator: Any, scheduler: 
 
     All processes write their parts into one temp dir with a fixed name, so each knows it.
     """
-    tmp = root / f".step-{step:07d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    tmp = root / f"{TEMP_PREFIX}{step:07d}.partial"
+    with writing(root / f"step-{step:07d}", KEPT):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
@@ -117,15 +126,16 @@ def _complete(root: Path, tmp: Path, step: int, scheduler: Any, trainer_state: d
         _fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, exc) from None
-    for old in list_checkpoints(root)[:-keep]:
+        raise output_error(final, exc, KEPT) from None
+    for old in list_checkpoints(root)[:-keep] + _stale_temps(root):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _write_error(final: Path, exc: OSError) -> PrefalignError:
-    return PrefalignError(f"could not write checkpoint {final}: {exc.strerror or exc}; "
-                          "earlier checkpoints are intact")
+def _stale_temps(root: Path) -> list[Path]:
+    """Temp dirs of saves a crash or kill -9 cut short: never loaded, only taking space.
+    Called by the one writer after its own temp dir was renamed, so none is in use."""
+    return [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_dir()]
 
 
 def _rng_file(rank: int) -> str:

@@ -9,6 +9,7 @@ from prefalign.config import option, require
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard", "wandb")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -29,6 +30,14 @@ class TrainConfig:
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
+    on_nonfinite: str = option(
+        "stop", "on a NaN or inf loss or gradient: stop, naming the step and its example ids "
+        "(the last checkpoint stays good), or skip that optimizer step (no update; the "
+        "schedule and the data move on) and count it as skipped_steps in metrics.jsonl",
+        choices=NONFINITE)
+    max_skipped_in_a_row: int = option(
+        5, "with on_nonfinite skip: the most steps skipped in a row; one more stops the run "
+        "(a persistent fault such as a too-high learning rate, not one bad row)")
     max_length: int = option(1024, "maximum prompt+completion tokens per sequence")
     max_prompt_length: int = option(512, "maximum prompt tokens (prompts are cut from the left)")
     seed: int = option(42, "seed of initialisation, shuffling and dropout")
@@ -71,6 +80,7 @@ class TrainConfig:
                 "must be > 0")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        require(self.max_skipped_in_a_row >= 1, "max_skipped_in_a_row", "must be >= 1")
         require(self.max_length >= 2, "max_length", "must be >= 2")
         require(1 <= self.max_prompt_length < self.max_length, "max_prompt_length",
                 f"must be in [1, max_length={self.max_length})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, writing
 
 # Gathers one picklable object from every process: [object of rank 0, rank 1, ...].
 Gather = Callable[[Any], list[Any]]
@@ -88,8 +89,9 @@ class MetricLogger:
         self.tracker = None
         if not enabled:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        with writing(self.path):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(resume_step)
         if tracker == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -115,13 +117,16 @@ class MetricLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a line cut by a crash ends the valid part
-        self.path.write_text("".join(k + "\n" for k in keep), "utf-8")
+        # Replaced whole, so a full disk cannot leave the metrics of earlier steps cut off.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep), "utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in record.items()}}
-        with self.path.open("a", encoding="utf-8") as handle:
+        with writing(self.path), self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tracker is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
