@@ -6,9 +6,16 @@ from types import SimpleNamespace
 import pytest
 from tokenizers.processors import TemplateProcessing
 
+from prefalign.data import tokenize as tokenize_module
 from prefalign.data.formats import normalize_rows
 from prefalign.data.sources import load_rows
-from prefalign.data.tokenize import tokenize_preferences, tokenizer_adds_bos, truncate_ids
+from prefalign.data.tokenize import (
+    render_ids,
+    tokenize_preferences,
+    tokenizer_adds_bos,
+    truncate_all,
+    truncate_ids,
+)
 from prefalign.errors import ConfigError, DataError
 
 EXPLICIT_ROWS = [
@@ -246,6 +253,46 @@ def test_tokenize_truncates_and_counts(tokenizer):
     for (p, c, r), (fp, fc, fr) in zip(triples(cut), triples(full)):
         assert p == fp[len(fp) - len(p) :]  # the prompt keeps its end
         assert c == fc[: len(c)] and r == fr[: len(r)]  # completions keep their start
+
+
+LONG_ROWS = [
+    {"prompt": "Review: " + "The film was a delight. " * 300, "chosen": " Good" * 500,
+     "rejected": " Bad."},
+    {"prompt": "Hi", "chosen": "é✓ " * 2000, "rejected": "x" * 5000},
+    {"prompt": "<s>" + "Numbers like 0 1 2 3 " * 200, "chosen": " 4", "rejected": " 5"},
+    {"prompt": [{"role": "user", "content": "Write about the sea. " * 200}],
+     "chosen": [{"role": "assistant", "content": "The sea is wide and blue. " * 200}],
+     "rejected": [{"role": "assistant", "content": "No."}]},
+]
+
+
+@pytest.mark.parametrize("adds_bos", [False, True], ids=["no-bos", "bos"])
+@pytest.mark.parametrize("chars_per_token", [64, 1], ids=["cut", "cut-falls-short"])
+def test_long_texts_are_cut_before_tokenizing_with_the_same_result(
+        tokenizer, bos_tokenizer, adds_bos, chars_per_token, monkeypatch):
+    """A 10 MB row is cut to a character budget before tokenizing; what truncation keeps and
+    counts is the same as after tokenizing it whole. chars_per_token=1 leaves every cut part
+    too short, so each is tokenized again whole."""
+    tok = bos_tokenizer if adds_bos else tokenizer
+    examples = examples_of(LONG_ROWS)
+    whole, merged = render_ids(examples, tok)  # no limits given: nothing is cut
+    expected, expected_report = truncate_all(whole, 16, 8, tok.bos_token_id)
+    expected_report.boundary_merged = merged
+
+    monkeypatch.setattr(tokenize_module, "CUT_CHARS_PER_TOKEN", chars_per_token)
+    longest = []
+    split = tokenize_module._tokenize_split
+    monkeypatch.setattr(tokenize_module, "_tokenize_split", lambda texts, *rest: (
+        longest.append(max((len(t) for triple in texts for t in triple), default=0))
+        or split(texts, *rest)))
+    features, report = tokenize_preferences(examples, tok, max_length=16, max_prompt_length=8)
+    assert triples(features) == expected and report == expected_report
+    assert (expected_report.prompt, expected_report.chosen, expected_report.rejected) == (3, 3, 1)
+    budget = 8 * 64 + 16 * 64  # characters of a cut prompt and a cut completion
+    if chars_per_token == 64:
+        assert longest == [budget, 0]  # texts tokenized once, cut
+    else:
+        assert longest[1] > budget  # every cut part fell short: tokenized again whole
 
 
 @pytest.mark.parametrize(

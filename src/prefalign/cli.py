@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
+from typing import NoReturn
 
 from prefalign import __version__
 from prefalign.errors import PrefalignError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with prefalign's one-line errors: a trainer's usage runs to dozens of
+    lines and would bury the message; --help shows it on request."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, _usage_error(self.prog, message))
+
+
+def _usage_error(prog: str, message: str) -> str:
+    return f"{prog}: error: {message}; run `{prog} --help` for the valid arguments\n"
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -117,7 +131,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="prefalign",
         description="Preference alignment for causal language models: LoRA, SFT, reward "
         "models, DPO and its variants, PPO, preference data and evaluation reports.",
@@ -137,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a preference file and summarise it",
         description="Read a preference file (JSONL, JSON, Parquet, CSV or a datasets folder), "
         "normalise every row and print rows, formats, dropped rows with reasons and length "
-        "percentiles. Exits 1 when rows were dropped under --strict or errors were found, "
-        "2 on a malformed file.")
+        "percentiles. Exits 0 when rows are usable, 1 when every row was dropped, 2 on a "
+        "malformed file or row (naming file, line or row, and field) and, under --strict, "
+        "on a droppable row.")
     check.add_argument("file", help="preference file or datasets folder")
     check.add_argument("--model", help="model or tokenizer directory: lengths in tokens "
                        "(default: lengths in characters)")
@@ -253,9 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(extra: list[str], args: argparse.Namespace) -> str:
+    """The error for arguments no parser took, naming the closest trainer option, as an
+    unknown YAML key does (config.build_config)."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    trainer = getattr(args, "trainer", None)
+    if trainer is None:
+        return message
+    from prefalign.config import config_flags
+
+    module, config_name, _, _ = TRAINERS[trainer]
+    flags = config_flags(getattr(importlib.import_module(module), config_name))
+    close = [difflib.get_close_matches(a.split("=")[0], flags, n=1) for a in extra
+             if a.startswith("--")]
+    hints = sorted({match[0] for match in close if match})
+    return message + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported for the command the user ran: `prefalign dpo --help` lists its options.
+        words = (getattr(args, "command", None), getattr(args, "data_command", None))
+        prog = " ".join(["prefalign", *filter(None, words)])
+        print(_usage_error(prog, _unrecognized(extra, args)), end="", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

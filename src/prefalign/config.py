@@ -9,7 +9,9 @@ names the key and what is valid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -44,8 +46,36 @@ def _parse_mapping(text: str) -> dict[str, float]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected key=value pairs, got {item!r}")
-        out[key.strip()] = float(value)
+        out[key.strip()] = _to_float(value)
     return out
+
+
+def _to_int(value: Any) -> int:
+    """An int from an int, a whole float or their text ("1e3": YAML 1.1 reads it as text)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("expected an integer")
+    if isinstance(value, float) and not value.is_integer():  # also nan and inf
+        raise ValueError("expected an integer")
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    """A finite float from a number or its text: a nan or inf option is always a typo or a
+    bug upstream, and it would surface steps later as a NaN loss."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
@@ -64,15 +94,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 return value
             raise ValueError("expected true or false")
         if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected an integer")
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            return int(value)
+            return _to_int(value)
         if base is float:
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
+            return _to_float(value)
         if base is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError("expected a string")
@@ -87,23 +111,35 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             mapping = _parse_mapping(value) if isinstance(value, str) else value
             if not isinstance(mapping, dict):
                 raise ValueError("expected a mapping like a=0.1,b=0.5")
-            return {str(k): float(v) for k, v in mapping.items()}
+            return {str(k): _to_float(v) for k, v in mapping.items()}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key '{key}': {exc} (got {value!r})") from None
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
 
 
+def _options(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` that are options: set in __init__ and documented by `option`."""
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("help") is not None]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_flags(cls: type) -> list[str]:
+    """The command-line flag of every option of `cls`, as add_config_arguments makes them."""
+    return [_flag(f.name) for f in _options(cls)]
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--kebab-case` flag per dataclass field; defaults come from the dataclass."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("help") is None:
-            continue
+    for f in _options(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         help_text = f"{f.metadata['help']} (default: {default!r}"
         help_text += f"; one of: {', '.join(map(str, choices))})" if choices else ")"
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         base, _ = _unwrap_optional(hints[f.name])
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

@@ -37,6 +37,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
+                     path: str) -> None:
+    """PrefalignError unless `model` embeds every token id `tokenizer` can produce.
+
+    An id past the embedding table fails only when a batch holds it: mid-run, as an
+    IndexError on the CPU or a device-side assert on CUDA, neither naming the cause.
+    """
+    ids = max(tokenizer.get_vocab().values()) + 1  # added tokens may leave gaps: not len()
+    rows = model.get_input_embeddings().num_embeddings
+    if ids > rows:
+        raise PrefalignError(
+            f"{path}: the tokenizer has token ids up to {ids - 1} but the model embeds only "
+            f"{rows} (ids 0 to {rows - 1}); use the tokenizer the model was trained with, or "
+            f"resize the model's embeddings (model.resize_token_embeddings({ids})) and save it")
+
+
 def _is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
@@ -104,12 +120,23 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
         return model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     **extra)
+                                                     use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         hint = "" if local.exists() else " (no such directory; the hub is not reachable offline)"
         raise PrefalignError(f"cannot load a causal LM from {path}{hint}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{str(exc).splitlines()[0]}{pickle_hint(local)}") from None
     return model
+
+
+def pickle_hint(directory: Path) -> str:
+    """Why a directory holding only pickled weights (.bin, .pt) is not loaded, and the fix."""
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return ""
+    if not any(directory.glob("*.bin")) and not any(directory.glob("*.pt")):
+        return ""
+    return ("; weights are read from safetensors only (unpickling a .bin can run code): "
+            "convert them where you trust the file, e.g. load it with transformers and "
+            "save_pretrained() it again")
 
 
 def prepare_for_training(model: PreTrainedModel, config) -> PreTrainedModel:

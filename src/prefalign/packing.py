@@ -6,7 +6,7 @@ Two layouts save compute against the padded (rows, T) batch, with the same numbe
   sequence and a block-diagonal causal mask keeps sequences from attending to each other,
   so every token sees exactly what it would see alone in a padded row, while rows hold
   little padding.
-- Prefix sharing (DPO; Wang & Hegde 2024, arXiv:2404.09340): [prompt | chosen | rejected]
+- Prefix sharing (DPO, reward models; Wang & Hegde 2024, arXiv:2404.09340): [prompt | chosen | rejected]
   in one row. Rejected tokens may not attend to chosen tokens and their position ids
   continue from the prompt's end (prompt_len + i, as in their own sequence), so the
   prompt is computed once instead of twice.
@@ -39,7 +39,8 @@ class PackedInputs:
     True = the query (dim 2) may attend to the key (dim 3).
     source (B, T) long or None: flat index into the R * S model positions of the hidden
     state that predicts scored token (b, t); None = the scored batch is this layout itself
-    (token t predicted from position t - 1 of the same row).
+    (token t predicted from position t - 1 of the same row). Models that read one
+    position per sequence (share_prefix_positions) get a (2B,) source instead.
     """
 
     input_ids: Tensor
@@ -211,3 +212,25 @@ def share_prefix(features: list[dict], pad_token_id: int, scored_width: int) -> 
         skip_chosen = torch.where(before < P, before, before + C)
         source[n + b] = b * width + skip_chosen.clamp(max=width - 1)
     return _batch_keys(PackedInputs(input_ids, position_ids, mask, source))
+
+
+def share_prefix_positions(features: list[dict], pad_token_id: int, positions: Tensor
+                           ) -> dict[str, Tensor]:
+    """packed_* keys of share_prefix's rows for models that read one position per sequence
+    (a reward model's last token) instead of scoring tokens.
+
+    positions (2B,) long: the position read in each sequence, counted from its first token;
+    rows 0..B-1 are prompt+chosen and B..2B-1 prompt+rejected, as in collate_preferences.
+    packed_source (2B,): the flat index of the same token among the B * S shared positions.
+    """
+    # scored_width=1: share_prefix's per-token source is not needed; it is replaced below.
+    shared = share_prefix(features, pad_token_id, scored_width=1)
+    n, width = shared["packed_input_ids"].shape
+    prompt = torch.tensor([len(f["prompt_input_ids"]) for f in features]).repeat(2)
+    chosen = torch.tensor([len(f["chosen_input_ids"]) for f in features]).repeat(2)
+    rejected = torch.arange(2 * n) >= n
+    # A rejected token past the prompt sits after the chosen tokens in the shared row; a
+    # prompt token (e.g. the last real token when the completion is all padding ids) does not.
+    skip = torch.where(rejected & (positions >= prompt), chosen, 0)
+    shared["packed_source"] = torch.arange(n).repeat(2) * width + positions + skip
+    return shared

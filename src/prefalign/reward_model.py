@@ -154,7 +154,7 @@ def load_reward_model(path: str | Path, tokenizer=None,
     The pad id: the saved config's (what HF reads), else the tokenizer's; the tokenizer is
     loaded from `path` when not given.
     """
-    from prefalign.models import load_causal_lm, load_tokenizer
+    from prefalign.models import load_causal_lm, load_tokenizer, pickle_hint
 
     path = str(path)
     if tokenizer is None:
@@ -164,10 +164,10 @@ def load_reward_model(path: str | Path, tokenizer=None,
         return RewardModel.from_causal_lm(model, tokenizer.pad_token_id, trust_remote_code)
     try:
         hf = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code)
+            path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise PrefalignError(f"cannot load a reward model from {path}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{str(exc).splitlines()[0]}{pickle_hint(Path(path))}") from None
     score = getattr(hf, "score", None)
     if not isinstance(score, nn.Linear) or score.out_features != 1:
         raise PrefalignError(f"{path}: {type(hf).__name__} has no scalar `score` head")

@@ -25,8 +25,9 @@ from prefalign.algorithms.runner import (
     finish_run,
     load_frozen,
     load_pairs,
+    load_policy,
     model_reference,
-    start_run,
+    open_run,
 )
 from prefalign.config import option, require
 from prefalign.data import collate_preferences
@@ -169,10 +170,11 @@ def run_dpo(config: DPOConfig, accelerator=None) -> TrainResult:
     """`prefalign dpo`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml)."""
     require(not (config.precompute_ref and config.reference_free), "precompute_ref",
             f"does nothing for the reference-free loss {config.loss_type}")
-    run = start_run(config, accelerator)
+    run = open_run(config, accelerator)
     pad = run.tokenizer.pad_token_id
     train = load_pairs(config.data, run, "data")
     evals = load_pairs(config.eval_data, run, "eval_data") if config.eval_data else []
+    load_policy(run)
 
     reference = None
     if not config.reference_free:

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from prefalign.algorithms.reference import ReferenceScorer
-from prefalign.algorithms.runner import Run, finish_run, load_frozen, start_run
+from prefalign.algorithms.runner import Run, finish_run, load_frozen, load_policy, open_run
 from prefalign.config import option, require
 from prefalign.data.unpaired import collate_unpaired, load_unpaired, weight_balance_note
 from prefalign.logprobs import CompletionLogps, LogpsModel
@@ -161,9 +161,10 @@ def load_examples(source: str, run: Run, key: str) -> tuple[list[dict[str, Any]]
 
 def run_kto(config: KTOConfig, accelerator: Accelerator | None = None) -> TrainResult:
     """`prefalign kto`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml)."""
-    run = start_run(config, accelerator)
+    run = open_run(config, accelerator)
     train, report = load_examples(config.data, run, "data")
     evals = load_examples(config.eval_data, run, "eval_data")[0] if config.eval_data else []
+    load_policy(run)
     note = weight_balance_note(report.desirable, report.undesirable, config.desirable_weight,
                                config.undesirable_weight)
     if note:

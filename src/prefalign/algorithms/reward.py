@@ -3,6 +3,8 @@
 Training: chosen and rejected sequences of B pairs go through one (2B, T) forward; the loss
 is `losses.bradley_terry_loss` (Ouyang et al. 2022, arXiv:2203.02155, Eq. 1) with a row's
 `margin` when the data has one and optional reward centring, as TRL 1.16's RewardTrainer.
+With `prefix_sharing` each pair is one [prompt | chosen | rejected] row instead
+(packing.share_prefix), so the prompt goes through the backbone once; same rewards.
 LoRA runs train the adapters and the whole `score` head (what PEFT's modules_to_save does);
 OUTPUT/final is always a merged HF sequence-classification directory.
 
@@ -25,7 +27,14 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from prefalign.algorithms.runner import Run, device_of, load_pairs, start_run
+from prefalign.algorithms.runner import (
+    FINAL_KEPT,
+    Run,
+    device_of,
+    load_pairs,
+    load_policy,
+    open_run,
+)
 from prefalign.config import option, require
 from prefalign.data import collate_preferences
 from prefalign.data.collate import _pad
@@ -33,9 +42,16 @@ from prefalign.data.formats import DroppedRow, normalize_row
 from prefalign.data.sources import load_rows
 from prefalign.data.tokenize import tokenize_preferences
 from prefalign.data.unpaired import normalize_unpaired_row, tokenize_unpaired
-from prefalign.errors import DataError
+from prefalign.errors import DataError, writing
 from prefalign.losses import bradley_terry_loss
-from prefalign.reward_model import RewardModel, load_reward_model
+from prefalign.packing import (
+    PackedInputs,
+    attention_bias,
+    fallback_note,
+    packed_kwargs,
+    share_prefix_positions,
+)
+from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
 from prefalign.train.loop import Trainer, TrainResult
@@ -52,6 +68,9 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float | None = option(
         None, "weight of mean((r_chosen + r_rejected)^2), keeping rewards near zero "
         "(arXiv:2312.09244; TRL suggests 0.01); none = 0")
+    prefix_sharing: bool = option(
+        False, "one row per pair, [prompt | chosen | rejected], so the prompt is computed "
+        "once (rejected tokens do not attend to chosen ones); the same rewards")
 
     def validate(self) -> None:
         super().validate()
@@ -59,24 +78,71 @@ class RewardConfig(TrainConfig):
                 "center_rewards_coefficient", "must be >= 0")
 
 
+class SharedPrefixRewardModel(RewardModel):
+    """A RewardModel that also reads prefix-shared batches: forward(..., packed) runs the
+    backbone on [prompt | chosen | rejected] rows and reads each sequence's reward at
+    packed.source (2B,), the shared position of its last token (share_prefix_positions).
+
+    A subclass rather than a wrapper, so parameter names (checkpoints, resume) stay
+    RewardModel's, and the shared forward is the prepared module's own forward, where
+    DDP / FSDP expect it.
+    """
+
+    @classmethod
+    def of(cls, model: RewardModel) -> SharedPrefixRewardModel:
+        """The same modules (not copies: LoRA layers and the head included)."""
+        return cls(model.backbone, model.score, model.pad_token_id, model.trust_remote_code)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                packed: PackedInputs | None = None) -> Tensor:
+        if packed is None:
+            return super().forward(input_ids, attention_mask)
+        out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                            attention_mask=attention_bias(self.backbone, packed.attention_mask),
+                            use_cache=False)
+        pooled = out.last_hidden_state.flatten(0, 1)[packed.source]  # (2B, H)
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+def with_prefix_sharing(model: RewardModel) -> tuple[RewardModel, str | None]:
+    """(SharedPrefixRewardModel of `model`, None), or (`model`, the one-line warning) when
+    its attention cannot take the custom mask, so training keeps the plain path."""
+    note = fallback_note(model, "prefix_sharing")
+    return (model, note) if note else (SharedPrefixRewardModel.of(model), None)
+
+
 class BradleyTerry:
-    """compute_loss for reward modelling; the model maps (ids, mask) (2B, T) to rewards (2B,)."""
+    """compute_loss for reward modelling; the model maps (ids, mask) (2B, T) to rewards (2B,).
+
+    prefix_sharing: batches also carry [prompt | chosen | rejected] rows, which the model
+    (a SharedPrefixRewardModel) reads instead.
+    """
 
     progress_keys = ("accuracy", "margin")
 
-    def __init__(self, pad_token_id: int, center_coef: float | None = None) -> None:
+    def __init__(self, pad_token_id: int, center_coef: float | None = None,
+                 prefix_sharing: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.center_coef = center_coef or 0.0
+        self.prefix_sharing = prefix_sharing
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_preferences(features, self.pad_token_id)
+        batch = collate_preferences(features, self.pad_token_id)
+        if self.prefix_sharing:
+            # The plain path's rule for the reward token (HF's: rightmost non-pad id), on
+            # right-padded rows, where a column is the position in its own sequence.
+            last = last_token_index(batch["input_ids"], batch["attention_mask"],
+                                    self.pad_token_id)
+            batch.update(share_prefix_positions(features, self.pad_token_id, last))
+        return batch
 
     def units(self, features: list[dict[str, Any]]) -> float:
         # The loss is a weighted mean over pairs: weight 2 counts like the pair repeated.
         return float(sum(f.get("weight", 1.0) for f in features))
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
-        rewards = model(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
+        rewards = model(batch["input_ids"], batch["attention_mask"],
+                        **packed_kwargs(batch)).float()  # (2B,)
         half = rewards.shape[0] // 2
         chosen, rejected = rewards[:half], rewards[half:]
         margin = batch.get("margin")
@@ -274,17 +340,20 @@ def score_file(reward_model_dir: str | Path, data: Any, output: str | Path | Non
 # -- prefalign reward -------------------------------------------------------------------
 
 
-def start_reward_run(config: RewardConfig, accelerator: Accelerator | None = None) -> Run:
-    """runner.start_run with a RewardModel in place of the causal LM."""
-    from prefalign.models import prepare_for_training
+def load_reward_policy(run: Run) -> Run:
+    """runner.load_policy with a RewardModel in place of the causal LM."""
+    from prefalign.models import check_vocabulary, prepare_for_training
+
+    config = run.config
 
     def load_model(tokenizer) -> RewardModel:
         model = load_reward_model(config.model, tokenizer, config.trust_remote_code)
+        check_vocabulary(tokenizer, model.backbone, config.model)
         prepare_for_training(model.backbone, config)
         model.score.requires_grad_(True)  # LoRA freezes the backbone; the head always trains
         return model
 
-    return start_run(config, accelerator, load_model=load_model)
+    return load_policy(run, load_model)
 
 
 def log_calibration(run: Run, evals: list[dict], result: TrainResult,
@@ -320,7 +389,8 @@ def finish_reward_run(run: Run) -> Path:
         if run.accelerator.is_main_process:
             if has_lora(model.backbone):
                 unload_lora(model.backbone, merge=True)
-            model.save_pretrained(final, run.tokenizer)
+            with writing(final, FINAL_KEPT):
+                model.save_pretrained(final, run.tokenizer)
             run.print(f"saved {final}")
     run.accelerator.wait_for_everyone()
     return final
@@ -328,10 +398,17 @@ def finish_reward_run(run: Run) -> Path:
 
 def run_reward(config: RewardConfig, accelerator: Accelerator | None = None) -> TrainResult:
     """`prefalign reward`: train, then write OUTPUT/final, metrics.jsonl and config.yaml."""
-    run = start_reward_run(config, accelerator)
+    run = open_run(config, accelerator)
     train = load_pairs(config.data, run, "data")
     evals = load_pairs(config.eval_data, run, "eval_data") if config.eval_data else []
-    algorithm = BradleyTerry(run.model.pad_token_id, config.center_rewards_coefficient)
+    load_reward_policy(run)
+    sharing = config.prefix_sharing
+    if sharing:
+        run.model, note = with_prefix_sharing(run.model)
+        if note:
+            run.print(note)
+            sharing = False
+    algorithm = BradleyTerry(run.model.pad_token_id, config.center_rewards_coefficient, sharing)
     trainer = Trainer(config, run.model, algorithm, train, evals, run.accelerator)
     result = trainer.train()
     if evals:

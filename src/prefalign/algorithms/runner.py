@@ -12,11 +12,21 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from prefalign.config import save_config
+from prefalign.errors import writing
 from prefalign.lora import has_lora, print_trainable_parameters
-from prefalign.models import load_causal_lm, load_tokenizer, prepare_for_training, save_policy
+from prefalign.models import (
+    check_vocabulary,
+    load_causal_lm,
+    load_tokenizer,
+    prepare_for_training,
+    save_policy,
+)
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
 from prefalign.train.loop import make_accelerator
+
+# What a failed write of the final artifact leaves usable.
+FINAL_KEPT = " (checkpoints, if any, are intact: --resume continues from the newest)"
 
 
 @dataclass
@@ -24,7 +34,7 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None between open_run and load_policy
     output_dir: Path
 
     @property
@@ -44,31 +54,52 @@ def model_reference(path: str) -> str:
 def start_run(config: TrainConfig, accelerator: Accelerator | None = None,
               load_model: Callable[[PreTrainedTokenizerBase], torch.nn.Module] | None = None
               ) -> Run:
-    """Seed, create the output dir and config.yaml, load tokenizer and trainable model.
+    """open_run, then load_policy: everything a trainer needs before its data."""
+    return load_policy(open_run(config, accelerator), load_model)
 
-    load_model(tokenizer): builds a trainable model other than the default causal LM with
-    LoRA (or unfrozen), e.g. a reward model. It runs after seeding, so fresh heads are
-    initialised reproducibly.
+
+def open_run(config: TrainConfig, accelerator: Accelerator | None = None) -> Run:
+    """Seed, create the output dir and config.yaml, load the tokenizer; no model yet.
+
+    Trainers load their data between open_run and load_policy, so a malformed row stops
+    the run in seconds, before the minutes a large model takes to load.
     """
     accelerator = accelerator or make_accelerator(config.mixed_precision)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
+        with writing(output_dir / "config.yaml"):  # a read-only folder fails here, at once
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, output_dir / "config.yaml")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    return Run(config, accelerator, tokenizer, None, output_dir)
+
+
+def load_policy(run: Run, load_model: Callable[[PreTrainedTokenizerBase], torch.nn.Module]
+                | None = None) -> Run:
+    """Load the trainable model into `run` (LoRA applied, or unfrozen) and check that it
+    embeds every token id of the tokenizer.
+
+    load_model(tokenizer): builds a trainable model other than the default causal LM with
+    LoRA (or unfrozen), e.g. a reward model. Data loading draws no random numbers, so fresh
+    heads are initialised from the seed open_run set, as if nothing ran in between.
+    """
+    config = run.config
     if load_model is None:
         model = load_causal_lm(config.model, config.trust_remote_code, config.quantization)
+        check_vocabulary(run.tokenizer, model, config.model)
         prepare_for_training(model, config)
     else:
-        model = load_model(tokenizer)
-    if accelerator.is_main_process:
+        model = load_model(run.tokenizer)
+    if run.accelerator.is_main_process:
         print_trainable_parameters(model)
-    return Run(config, accelerator, tokenizer, model, output_dir)
+    run.model = model
+    return run
 
 
 def load_frozen(path: str, run: Run) -> PreTrainedModel:
     model = load_causal_lm(path, run.config.trust_remote_code)
+    check_vocabulary(run.tokenizer, model, path)
     return model.requires_grad_(False).eval()
 
 
@@ -83,8 +114,9 @@ def finish_run(run: Run) -> Path:
     with full_model(run.model, run.accelerator) as model:
         if run.accelerator.is_main_process:
             merged = run.output_dir / "final-merged" if run.config.merge and run.is_lora else None
-            save_policy(model, run.tokenizer, final, merged,
-                        base_name=model_reference(run.config.model))
+            with writing(final, FINAL_KEPT):
+                save_policy(model, run.tokenizer, final, merged,
+                            base_name=model_reference(run.config.model))
             run.print(f"saved {final}" + (f" and {merged}" if merged else ""))
     run.accelerator.wait_for_everyone()
     return final

@@ -24,7 +24,7 @@ from typing import Any
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from prefalign.algorithms.runner import Run, finish_run, start_run
+from prefalign.algorithms.runner import Run, finish_run, load_policy, open_run
 from prefalign.config import option
 from prefalign.data.instructions import (
     collate_instructions,
@@ -154,9 +154,10 @@ def run_sft(config: SFTConfig, accelerator: Accelerator | None = None) -> TrainR
     OUTPUT/final is a PEFT adapter (LoRA) or an HF model directory (full fine-tuning); either
     is a valid `--model` for the next stage (dpo, kto, ppo).
     """
-    run = start_run(config, accelerator)
+    run = open_run(config, accelerator)
     train = load_examples(config.data, run, "data")
     evals = load_examples(config.eval_data, run, "eval_data") if config.eval_data else []
+    load_policy(run)
     note = fallback_note(run.model, "packing") if config.packing else None
     if note:
         run.print(note)

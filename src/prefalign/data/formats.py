@@ -135,8 +135,11 @@ def normalize_row(data: Any, origin: str) -> dict:
     return example
 
 
-def _keys(data: dict) -> str:
-    return ", ".join(repr(k) for k in data) or "no fields"
+def _keys(data: dict, most: int = 8) -> str:
+    """The row's field names for an error line, kept short: a wide Parquet file has hundreds."""
+    names = [f"{k!r:.40}" for k in list(data)[:most]]
+    more = f" and {len(data) - most} more" if len(data) > most else ""
+    return (", ".join(names) + more) or "no fields"
 
 
 def _type_name(value: Any) -> str:
@@ -162,7 +165,9 @@ def _check_messages(messages: list, key: str, origin: str) -> list[dict]:
                 f"{where} must be an object with 'role' and 'content', got {message!r:.80}"
             )
         if message["role"] not in ROLES:
-            raise DataError(f"{where} has role {message['role']!r}; use one of {', '.join(ROLES)}")
+            raise DataError(
+                f"{where} has role {message['role']!r:.40}; use one of {', '.join(ROLES)}"
+            )
         if not isinstance(message["content"], str):
             raise DataError(
                 f"{where}: 'content' must be a string, got {_type_name(message['content'])}"

@@ -120,7 +120,15 @@ def _json_lines(text: str, name: str) -> Iterator[Row]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+            raise DataError(
+                f"{name}:{number}: invalid JSON: {e.msg} (column {e.colno}); fix or remove the line"
+            ) from None
+        if isinstance(value, list):
+            # Typically a whole data set dumped as one array into a .jsonl file.
+            raise DataError(
+                f"{name}:{number}: expected a JSON object, got array; JSON lines hold one "
+                "object per line (a file that is one JSON array of rows loads as .json)"
+            )
         yield Row(_require_object(value, f"{name}:{number}"), f"{name}:{number}")
 
 

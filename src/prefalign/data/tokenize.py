@@ -61,7 +61,7 @@ def tokenize_preferences(
     weight, source, id). None for a limit means no limit.
     """
     check_limits(max_length, max_prompt_length)
-    rendered, merged = render_ids(examples, tokenizer)
+    rendered, merged = render_ids(examples, tokenizer, max_length, max_prompt_length)
     truncated, report = truncate_all(
         rendered, max_length, max_prompt_length, tokenizer.bos_token_id
     )
@@ -152,26 +152,96 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return with_special[:1] == [bos] and without[:1] != [bos]
 
 
-def render_ids(examples: list[dict], tokenizer: Any) -> tuple[list[tuple[Ids, Ids, Ids]], int]:
-    """Untruncated (prompt, chosen, rejected) ids per example and the count of merged boundaries."""
+def render_ids(
+    examples: list[dict],
+    tokenizer: Any,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[tuple[Ids, Ids, Ids]], int]:
+    """Untruncated (prompt, chosen, rejected) ids per example and the count of merged boundaries.
+
+    max_length, max_prompt_length: the limits truncate_ids applies next. Given, a text far
+    longer than they keep is cut before tokenizing (see CUT_CHARS_PER_TOKEN): truncation
+    then keeps the same ids, and only the ids it drops are fewer.
+    """
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     texts, prefixes = [], []
     for example in examples:
         if isinstance(example["prompt"], list):
-            texts.extend(_render_conversation(example, tokenizer))
+            texts.append(_render_conversation(example, tokenizer))
             prefixes.append([])
         else:
-            texts.extend(_render_text(example, tokenizer))
+            texts.append(_render_text(example, tokenizer))
             prefixes.append(bos)
+    limits = _token_limits(max_length, max_prompt_length)
+    cuts = [_cut_texts(t, limits, tokenizer.bos_token) for t in texts]
+    rendered = _tokenize_split([c for c, _ in cuts], prefixes, tokenizer)
+    short = [
+        i for i, (_, flags) in enumerate(cuts) if not _long_enough(rendered[i][0], flags, limits)
+    ]
+    again = _tokenize_split([texts[i] for i in short], [prefixes[i] for i in short], tokenizer)
+    for i, row in zip(short, again):
+        rendered[i] = row
+    return [ids for ids, _ in rendered], sum(merged for _, merged in rendered)
+
+
+# A row far longer than max_length is tokenized only for truncation to drop nearly all of
+# it, and one 10 MB line takes minutes. So each part is first cut to this many characters
+# per token it can keep (the prompt from the left, completions from the right), and a cut
+# stands only if the part still has twice the tokens it can keep: the kept tokens then lie
+# far from the cut, which changes only the tokens next to it. A part that falls short (over
+# 32 characters per token) is tokenized again whole.
+CUT_CHARS_PER_TOKEN = 64
+
+
+def _token_limits(max_length: int | None, max_prompt_length: int | None
+                  ) -> tuple[int | None, int | None]:
+    """(most prompt tokens, most completion tokens) truncate_ids keeps; None = no limit."""
+    room = None if max_length is None else max_length - 1  # one completion token at least
+    prompt = [n for n in (max_prompt_length, room) if n is not None]
+    return (min(prompt) if prompt else None), max_length
+
+
+def _cut_texts(texts: tuple[str, str, str], limits: tuple, bos_text: str | None) -> tuple:
+    """((prompt, prompt + chosen, prompt + rejected) cut to the character budget, which
+    parts were cut); a leading BOS stays, as truncate_ids keeps it."""
+    prompt, *fulls = texts
+    completions = [full[len(prompt) :] for full in fulls]
+    prompt_limit, completion_limit = limits
+    flags = [False, False, False]
+    if prompt_limit is not None and len(prompt) > prompt_limit * CUT_CHARS_PER_TOKEN:
+        keep = bos_text if bos_text and prompt.startswith(bos_text) else ""
+        prompt = keep + prompt[len(prompt) - prompt_limit * CUT_CHARS_PER_TOKEN :]
+        flags[0] = True
+    if completion_limit is not None:
+        budget = completion_limit * CUT_CHARS_PER_TOKEN
+        for i, completion in enumerate(completions):
+            if len(completion) > budget:
+                completions[i], flags[i + 1] = completion[:budget], True
+    if not any(flags):
+        return texts, flags
+    return (prompt, prompt + completions[0], prompt + completions[1]), flags
+
+
+def _long_enough(ids: tuple[Ids, Ids, Ids], flags: list[bool], limits: tuple) -> bool:
+    prompt_limit, completion_limit = limits
+    need = (prompt_limit, completion_limit, completion_limit)
+    return all(not cut or len(part) >= 2 * n for part, cut, n in zip(ids, flags, need))
+
+
+def _tokenize_split(
+    texts: list[tuple[str, str, str]], prefixes: list[Ids], tokenizer: Any
+) -> list[tuple[tuple[Ids, Ids, Ids], bool]]:
+    """((prompt, chosen, rejected) ids, boundary merged?) per row of rendered texts."""
+    flat = [text for triple in texts for text in triple]
     # One batched call: the fast tokenizer encodes the whole list in Rust.
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    rendered, merged = [], 0
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out = []
     for i, prefix in enumerate(prefixes):
         prompt, with_chosen, with_rejected = (prefix + list(x) for x in ids[3 * i : 3 * i + 3])
         n = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
-        merged += n < len(prompt)
-        rendered.append((prompt[:n], with_chosen[n:], with_rejected[n:]))
-    return rendered, merged
+        out.append(((prompt[:n], with_chosen[n:], with_rejected[n:]), n < len(prompt)))
+    return out
 
 
 def _common_prefix(a: Ids, b: Ids) -> int:

@@ -230,7 +230,7 @@ def tokenize_unpaired(
     check_limits(max_length, max_prompt_length)
     as_pairs = [{"prompt": e["prompt"], "chosen": e["completion"], "rejected": e["completion"],
                  "origin": e["origin"]} for e in examples]
-    rendered, _ = render_ids(as_pairs, tokenizer)
+    rendered, _ = render_ids(as_pairs, tokenizer, max_length, max_prompt_length)
     features, cut_prompts, cut_completions = [], 0, 0
     for example, (prompt, completion, _) in zip(examples, rendered):
         p, c, _ = truncate_ids(prompt, completion, completion, max_length, max_prompt_length,
