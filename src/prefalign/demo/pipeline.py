@@ -29,6 +29,11 @@ from prefalign.demo.task import (
 )
 
 
+# The stages' fixed trainer options (learning rates, LoRA shapes, ...) are part of what a
+# cached stage was made with: bump this when they change.
+RECIPE = 2
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes and steps; `quick()` is the test-sized variant."""
@@ -41,7 +46,7 @@ class DemoSettings:
     heldout_prompts: int = 96
     candidates: int = 4
     label_noise: float = 0.1
-    max_new_tokens: int = 24
+    max_new_tokens: int = 40
     rm_epochs: int = 3
     dpo_epochs: int = 3
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5)
@@ -58,9 +63,12 @@ class DemoSettings:
                    ppo_kl_coefs=(0.05, 0.2), seed=seed)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        # RECIPE too: a stage cached by an older recipe (other trainer options) is rerun.
+        key = json.dumps({"recipe": RECIPE, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+PROMPT_TOKENS = 32  # the task's prompts are under 12 tokens
 DPO_MAIN_BETA = 0.1
 PPO_MAIN_KL = 0.05
 
@@ -100,8 +108,12 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _common(s: DemoSettings) -> dict[str, Any]:
-    """Trainer options every stage shares: tiny sequences, no warmup, quiet logs."""
-    return dict(max_length=64, max_prompt_length=32, warmup_ratio=0.0, logging_steps=5,
+    """Trainer options every stage shares: tiny sequences, no warmup, quiet logs.
+
+    max_length leaves room for a whole response: a pair cut before its EOS would teach
+    the policy to stop early."""
+    return dict(max_length=PROMPT_TOKENS + s.max_new_tokens, max_prompt_length=PROMPT_TOKENS,
+                warmup_ratio=0.0, logging_steps=5,
                 seed=s.seed, lr_scheduler="constant")
 
 
@@ -156,7 +168,8 @@ def train_reward(folder: Path, s: DemoSettings, sft: dict, pairs: dict) -> dict[
     run_reward(RewardConfig(model=sft["model"], data=pairs["prefs"], output_dir=str(folder),
                             lora_r=0, learning_rate=1e-3, batch_size=32, grad_accum=1,
                             epochs=s.rm_epochs, **_common(s)))
-    scorer = RewardScorer(str(folder / "final"), max_length=64, max_prompt_length=32)
+    scorer = RewardScorer(str(folder / "final"), max_length=PROMPT_TOKENS + s.max_new_tokens,
+                          max_prompt_length=PROMPT_TOKENS)
     rows = [row for row, _ in load_rows(pairs["heldout_pairs"])]
     prompts = [r["prompt"] for r in rows]
     chosen = scorer.score(prompts, [r["chosen"] for r in rows])
@@ -169,7 +182,8 @@ def train_dpo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, beta: float
     from prefalign.algorithms.dpo import DPOConfig, run_dpo
 
     result = run_dpo(DPOConfig(model=sft["model"], data=pairs["prefs"], output_dir=str(folder),
-                               lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3,
+                               lora_r=16, lora_alpha=32, lora_targets=["all-linear"],
+                               lora_dropout=0.0, learning_rate=5e-3,
                                batch_size=32, grad_accum=1, epochs=s.dpo_epochs, beta=beta,
                                **_common(s)))
     last = result.history[-1]
