@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from helpers import preference_rows, write_jsonl
-from prefalign.algorithms.reward import (
-    BradleyTerry,
-    RewardConfig,
-    SharedPrefixRewardModel,
-    run_reward,
-    with_prefix_sharing,
-)
+from prefalign.algorithms.reward import BradleyTerry, RewardConfig, run_reward
 from prefalign.lora import apply_lora, lora_layers
-from prefalign.packing import packed_kwargs
+from prefalign.packing import fallback_note, packed_kwargs
 from prefalign.reward_model import RewardModel
 
 
@@ -79,8 +73,6 @@ def test_prefix_sharing_equals_plain(make_model, arch, impl, lora, pad_is_eos):
     results = []
     for sharing in (False, True):
         model = copy.deepcopy(base)
-        if sharing:
-            model = SharedPrefixRewardModel.of(model)
         algorithm = BradleyTerry(pad, center_coef=0.01, prefix_sharing=sharing)
         batch = algorithm.collate(features)
         shapes = backbone_rows(model)
@@ -105,12 +97,10 @@ def test_prefix_sharing_equals_plain(make_model, arch, impl, lora, pad_is_eos):
 
 def test_unsupported_attention_falls_back(make_model):
     model = RewardModel.from_causal_lm(make_model("llama"), 0)
-    shared, note = with_prefix_sharing(model)
-    assert note is None and isinstance(shared, SharedPrefixRewardModel)
-    assert shared.backbone is model.backbone and shared.score is model.score  # not copies
+    assert fallback_note(model, "prefix_sharing") is None
     model.config._attn_implementation = "flash_attention_2"
-    same, note = with_prefix_sharing(model)
-    assert same is model and note.startswith("warning: prefix_sharing is off")
+    note = fallback_note(model, "prefix_sharing")
+    assert note.startswith("warning: prefix_sharing is off")
     assert "flash_attention_2" in note and "\n" not in note
 
 
@@ -120,13 +110,13 @@ def test_prefix_sharing_run_equals_plain_run(tmp_path, tiny_model_dir, monkeypat
     data = write_jsonl(tmp_path / "train.jsonl", preference_rows(8))
     evals = write_jsonl(tmp_path / "eval.jsonl", preference_rows(4, seed=1))
     shared_calls = []
-    forward = SharedPrefixRewardModel.forward
+    forward = RewardModel.forward
 
     def spy(self, input_ids, attention_mask, packed=None):
         shared_calls.append(packed is not None)
         return forward(self, input_ids, attention_mask, packed)
 
-    monkeypatch.setattr(SharedPrefixRewardModel, "forward", spy)
+    monkeypatch.setattr(RewardModel, "forward", spy)
     runs = []
     for sharing in (False, True):
         runs.append(run_reward(RewardConfig(

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from prefalign.errors import PrefalignError
 from prefalign.logprobs import position_ids_from_mask
+from prefalign.packing import PackedInputs, attention_bias
 
 
 def last_token_index(input_ids: Tensor, attention_mask: Tensor,
@@ -96,12 +97,22 @@ class RewardModel(nn.Module):
         shell._init_weights(score)
         return cls(backbone, score, pad_token_id, trust_remote_code)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        hidden = out.last_hidden_state  # (B, T, H)
-        last = last_token_index(input_ids, attention_mask, self.pad_token_id)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                packed: PackedInputs | None = None) -> Tensor:
+        """packed: prefix-shared rows (packing.share_prefix_positions) the backbone reads
+        instead; packed.source (B,) is where each sequence's reward token sits in them."""
+        if packed is not None:
+            out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                attention_mask=attention_bias(self.backbone, packed.attention_mask),
+                                use_cache=False)
+            pooled = out.last_hidden_state.flatten(0, 1)[packed.source]  # (B, H)
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask),
+                                use_cache=False)
+            hidden = out.last_hidden_state  # (B, T, H)
+            last = last_token_index(input_ids, attention_mask, self.pad_token_id)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
 
     def to_sequence_classification(self) -> PreTrainedModel:

@@ -44,13 +44,7 @@ from prefalign.data.tokenize import tokenize_preferences
 from prefalign.data.unpaired import normalize_unpaired_row, tokenize_unpaired
 from prefalign.errors import DataError, writing
 from prefalign.losses import bradley_terry_loss
-from prefalign.packing import (
-    PackedInputs,
-    attention_bias,
-    fallback_note,
-    packed_kwargs,
-    share_prefix_positions,
-)
+from prefalign.packing import fallback_note, packed_kwargs, share_prefix_positions
 from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
@@ -78,44 +72,11 @@ class RewardConfig(TrainConfig):
                 "center_rewards_coefficient", "must be >= 0")
 
 
-class SharedPrefixRewardModel(RewardModel):
-    """A RewardModel that also reads prefix-shared batches: forward(..., packed) runs the
-    backbone on [prompt | chosen | rejected] rows and reads each sequence's reward at
-    packed.source (2B,), the shared position of its last token (share_prefix_positions).
-
-    A subclass rather than a wrapper, so parameter names (checkpoints, resume) stay
-    RewardModel's, and the shared forward is the prepared module's own forward, where
-    DDP / FSDP expect it.
-    """
-
-    @classmethod
-    def of(cls, model: RewardModel) -> SharedPrefixRewardModel:
-        """The same modules (not copies: LoRA layers and the head included)."""
-        return cls(model.backbone, model.score, model.pad_token_id, model.trust_remote_code)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor,
-                packed: PackedInputs | None = None) -> Tensor:
-        if packed is None:
-            return super().forward(input_ids, attention_mask)
-        out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                            attention_mask=attention_bias(self.backbone, packed.attention_mask),
-                            use_cache=False)
-        pooled = out.last_hidden_state.flatten(0, 1)[packed.source]  # (2B, H)
-        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
-
-
-def with_prefix_sharing(model: RewardModel) -> tuple[RewardModel, str | None]:
-    """(SharedPrefixRewardModel of `model`, None), or (`model`, the one-line warning) when
-    its attention cannot take the custom mask, so training keeps the plain path."""
-    note = fallback_note(model, "prefix_sharing")
-    return (model, note) if note else (SharedPrefixRewardModel.of(model), None)
-
-
 class BradleyTerry:
     """compute_loss for reward modelling; the model maps (ids, mask) (2B, T) to rewards (2B,).
 
     prefix_sharing: batches also carry [prompt | chosen | rejected] rows, which the model
-    (a SharedPrefixRewardModel) reads instead.
+    (RewardModel.forward's `packed`) reads instead.
     """
 
     progress_keys = ("accuracy", "margin")
@@ -404,7 +365,7 @@ def run_reward(config: RewardConfig, accelerator: Accelerator | None = None) -> 
     load_reward_policy(run)
     sharing = config.prefix_sharing
     if sharing:
-        run.model, note = with_prefix_sharing(run.model)
+        note = fallback_note(run.model, "prefix_sharing")
         if note:
             run.print(note)
             sharing = False
