@@ -22,7 +22,7 @@ from prefalign.algorithms.reward import (
     score_file,
 )
 from prefalign.data import collate_preferences, load_preferences
-from prefalign.data.collate import _pad
+from prefalign.data.collate import pad_sequences
 from prefalign.errors import ConfigError
 from prefalign.lora import apply_lora, lora_layers, save_adapter, unload_lora
 from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
@@ -31,7 +31,7 @@ from prefalign.train.metrics import read_metrics
 
 
 def rewards_of(model, sequences, pad, side):
-    ids, mask = _pad(sequences, pad, side, None)
+    ids, mask = pad_sequences(sequences, pad, side, None)
     with torch.no_grad():
         return model(ids, mask)
 
@@ -39,7 +39,7 @@ def rewards_of(model, sequences, pad, side):
 def hf_scores(directory, sequences, pad):
     """AutoModelForSequenceClassification's scores of right-padded sequences."""
     hf = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1).eval()
-    ids, mask = _pad(sequences, pad, "right", None)
+    ids, mask = pad_sequences(sequences, pad, "right", None)
     with torch.no_grad():
         return hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 

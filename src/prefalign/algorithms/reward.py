@@ -37,7 +37,7 @@ from prefalign.algorithms.runner import (
 )
 from prefalign.config import option, require
 from prefalign.data import collate_preferences
-from prefalign.data.collate import _pad
+from prefalign.data.collate import pad_sequences
 from prefalign.data.formats import DroppedRow, normalize_row
 from prefalign.data.sources import load_rows
 from prefalign.data.tokenize import tokenize_preferences
@@ -167,7 +167,7 @@ def score_sequences(model: RewardModel, sequences: list[list[int]], batch_size: 
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            ids, mask = _pad([list(sequences[i]) for i in rows], pad, "right", None)
+            ids, mask = pad_sequences([list(sequences[i]) for i in rows], pad, "right", None)
             with autocast() if autocast else nullcontext():
                 rewards = model(ids.to(device), mask.to(device))
             for i, r in zip(rows, rewards.float().cpu().tolist()):

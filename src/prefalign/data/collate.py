@@ -36,7 +36,7 @@ def collate_preferences(
         for f in features:
             sequences.append(list(f["prompt_input_ids"]) + list(f[key]))
             prompt_lengths.append(len(f["prompt_input_ids"]))
-    input_ids, attention_mask = _pad(sequences, pad_token_id, padding_side, pad_to_multiple_of)
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, padding_side, pad_to_multiple_of)
     completion_mask = attention_mask.bool()
     for row, n_prompt in enumerate(prompt_lengths):
         start = 0 if padding_side == "right" else int((attention_mask[row] == 0).sum())
@@ -46,7 +46,7 @@ def collate_preferences(
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
     }
-    batch.update(_kept_columns(features))
+    batch.update(batch_columns(features))
     return batch
 
 
@@ -57,11 +57,11 @@ def collate_prompts(prompt_ids_list: list[list[int]], pad_token_id: int) -> dict
     """
     if not prompt_ids_list:
         raise ValueError("collate_prompts needs at least one prompt")
-    input_ids, attention_mask = _pad([list(p) for p in prompt_ids_list], pad_token_id, "left", None)
+    input_ids, attention_mask = pad_sequences([list(p) for p in prompt_ids_list], pad_token_id, "left", None)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _pad(
+def pad_sequences(
     sequences: list[list[int]], pad_token_id: int, padding_side: str, pad_to_multiple_of: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) padded ids and (N, T) long attention mask."""
@@ -83,7 +83,7 @@ def _pad(
     return input_ids, attention_mask
 
 
-def _kept_columns(features: list[dict]) -> dict[str, Any]:
+def batch_columns(features: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # Absent values get the neutral element of each use: no margin, unit weight.
     for key, default in (("margin", 0.0), ("weight", 1.0)):

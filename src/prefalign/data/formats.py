@@ -109,11 +109,11 @@ def normalize_row(data: Any, origin: str) -> dict:
         )
     for key in ("chosen", "rejected"):
         if data.get(key) is None:
-            raise DataError(f"{origin}: missing field {key!r} (the row has {_keys(data)})")
-        _check_text_or_messages(data[key], key, origin)
+            raise DataError(f"{origin}: missing field {key!r} (the row has {row_keys(data)})")
+        check_text_or_messages(data[key], key, origin)
     prompt = data.get("prompt")
     if prompt is not None:
-        _check_text_or_messages(prompt, "prompt", origin)
+        check_text_or_messages(prompt, "prompt", origin)
     chosen, rejected = data["chosen"], data["rejected"]
     # Checked on the raw values too: splitting two equal or empty texts would otherwise
     # report "no shared prompt", hiding the real reason.
@@ -127,33 +127,33 @@ def normalize_row(data: Any, origin: str) -> dict:
         else:
             fmt, parts = "implicit", _split_implicit(chosen, rejected)
     else:
-        fmt, parts = "conversational", _split_conversation(prompt, chosen, rejected, origin)
+        fmt, parts = "conversational", split_conversation(prompt, chosen, rejected, origin)
     example = dict(zip(("prompt", "chosen", "rejected"), parts))
     _check_signal(example)
     example.update(format=fmt, origin=origin)
-    example.update(_kept_columns(data, origin))
+    example.update(kept_columns(data, origin))
     return example
 
 
-def _keys(data: dict, most: int = 8) -> str:
+def row_keys(data: dict, most: int = 8) -> str:
     """The row's field names for an error line, kept short: a wide Parquet file has hundreds."""
     names = [f"{k!r:.40}" for k in list(data)[:most]]
     more = f" and {len(data) - most} more" if len(data) > most else ""
     return (", ".join(names) + more) or "no fields"
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_text_or_messages(value: Any, key: str, origin: str) -> None:
+def check_text_or_messages(value: Any, key: str, origin: str) -> None:
     if not isinstance(value, (str, list)):
         raise DataError(
-            f"{origin}: field {key!r} must be a string or a list of messages, got {_type_name(value)}"
+            f"{origin}: field {key!r} must be a string or a list of messages, got {type_name(value)}"
         )
 
 
-def _check_messages(messages: list, key: str, origin: str) -> list[dict]:
+def check_messages(messages: list, key: str, origin: str) -> list[dict]:
     """Validate {"role", "content"} dicts; returns copies without null keys (arrow fills those)."""
     if not messages:
         raise DataError(f"{origin}: field {key!r} is an empty list of messages")
@@ -170,18 +170,18 @@ def _check_messages(messages: list, key: str, origin: str) -> list[dict]:
             )
         if not isinstance(message["content"], str):
             raise DataError(
-                f"{where}: 'content' must be a string, got {_type_name(message['content'])}"
+                f"{where}: 'content' must be a string, got {type_name(message['content'])}"
             )
         clean.append({k: v for k, v in message.items() if v is not None})
     return clean
 
 
-def _split_conversation(prompt: Any, chosen: Any, rejected: Any, origin: str) -> tuple:
+def split_conversation(prompt: Any, chosen: Any, rejected: Any, origin: str) -> tuple:
     """(prompt messages, chosen messages, rejected messages) from either conversational shape."""
     if isinstance(chosen, list):
-        chosen = _check_messages(chosen, "chosen", origin)
+        chosen = check_messages(chosen, "chosen", origin)
     if isinstance(rejected, list):
-        rejected = _check_messages(rejected, "rejected", origin)
+        rejected = check_messages(rejected, "rejected", origin)
     whole = [
         isinstance(c, list) and any(m["role"] != "assistant" for m in c) for c in (chosen, rejected)
     ]
@@ -195,8 +195,8 @@ def _split_conversation(prompt: Any, chosen: Any, rejected: Any, origin: str) ->
                     f"{origin}: field {key!r} is a string but the other completion is a whole "
                     "conversation; give both as lists of messages"
                 )
-        prompt_c, reply_c = _last_assistant_turn(chosen, "chosen", origin)
-        prompt_r, reply_r = _last_assistant_turn(rejected, "rejected", origin)
+        prompt_c, reply_c = last_assistant_turn(chosen, "chosen", origin)
+        prompt_r, reply_r = last_assistant_turn(rejected, "rejected", origin)
         if prompt_c != prompt_r:
             raise DroppedRow(DROP_PROMPTS_DIFFER, "the turns before the last assistant turn differ")
         return prompt_c, reply_c, reply_r
@@ -208,7 +208,7 @@ def _split_conversation(prompt: Any, chosen: Any, rejected: Any, origin: str) ->
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     else:
-        prompt = _check_messages(prompt, "prompt", origin)
+        prompt = check_messages(prompt, "prompt", origin)
         if prompt[-1]["role"] == "assistant":
             raise DataError(
                 f"{origin}: field 'prompt' ends with an assistant turn; it must end with the "
@@ -221,7 +221,7 @@ def _split_conversation(prompt: Any, chosen: Any, rejected: Any, origin: str) ->
     return prompt, replies[0], replies[1]
 
 
-def _last_assistant_turn(messages: list[dict], key: str, origin: str) -> tuple[list, list]:
+def last_assistant_turn(messages: list[dict], key: str, origin: str) -> tuple[list, list]:
     if messages[-1]["role"] != "assistant":
         raise DataError(
             f"{origin}: field {key!r} must end with an assistant turn, but its last message has "
@@ -289,7 +289,7 @@ def _split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _is_empty(completion: str | list[dict]) -> bool:
+def is_empty(completion: str | list[dict]) -> bool:
     if isinstance(completion, str):
         return not completion.strip()
     return all(not m["content"].strip() for m in completion)
@@ -299,13 +299,13 @@ def _check_signal(example: dict, raw: bool = False) -> None:
     if raw and not all(isinstance(example[key], str) for key in ("chosen", "rejected")):
         return  # messages are validated first, then checked once split
     for key in ("chosen", "rejected"):
-        if _is_empty(example[key]):
+        if is_empty(example[key]):
             raise DroppedRow(DROP_EMPTY, f"{key} is empty")
     if example["chosen"] == example["rejected"]:
         raise DroppedRow(DROP_SAME)
 
 
-def _kept_columns(data: dict, origin: str) -> dict:
+def kept_columns(data: dict, origin: str) -> dict:
     """margin/weight as floats, source/id as str or int; a null value means absent."""
     kept = {}
     for key in KEPT_COLUMNS:
@@ -315,7 +315,7 @@ def _kept_columns(data: dict, origin: str) -> dict:
         if key in ("margin", "weight"):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DataError(
-                    f"{origin}: field {key!r} must be a number, got {_type_name(value)}"
+                    f"{origin}: field {key!r} must be a number, got {type_name(value)}"
                 )
             value = float(value)
             if not math.isfinite(value):
@@ -324,7 +324,7 @@ def _kept_columns(data: dict, origin: str) -> dict:
                 raise DataError(f"{origin}: field 'weight' must be >= 0, got {value:g}")
         elif isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(
-                f"{origin}: field {key!r} must be a string or an integer, got {_type_name(value)}"
+                f"{origin}: field {key!r} must be a string or an integer, got {type_name(value)}"
             )
         kept[key] = value
     return kept

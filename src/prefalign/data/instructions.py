@@ -38,27 +38,26 @@ from typing import Any
 
 import torch
 
-from prefalign.data.collate import _kept_columns as _collate_kept_columns
-from prefalign.data.collate import _pad
+from prefalign.data.collate import batch_columns, pad_sequences
 from prefalign.data.formats import (
     DROP_EMPTY,
     NormalizeReport,
-    _check_messages,
-    _check_text_or_messages,
-    _is_empty,
-    _kept_columns,
-    _keys,
-    _type_name,
+    check_messages,
+    check_text_or_messages,
+    is_empty,
+    kept_columns,
+    row_keys,
+    type_name,
 )
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import (
-    _apply_template,
-    _common_prefix,
+    apply_template,
     check_limits,
+    common_prefix,
     render_ids,
     truncate_ids,
 )
-from prefalign.data.unpaired import _split_conversation
+from prefalign.data.unpaired import split_conversation
 from prefalign.errors import DataError
 
 Ids = list[int]
@@ -108,24 +107,24 @@ def normalize_instruction_row(data: Any, origin: str) -> dict:
     elif data.get("text") is not None:
         if not isinstance(data["text"], str):
             raise DataError(f"{origin}: field 'text' must be a string, got "
-                            f"{_type_name(data['text'])}")
+                            f"{type_name(data['text'])}")
         example = {"text": data["text"], "format": "text"}
     else:
         hint = ""
         if "chosen" in data or "rejected" in data:
             hint = "; chosen/rejected rows are preference data, for `prefalign dpo`"
         raise DataError(f"{origin}: expected field 'messages', 'prompt' + 'completion' or "
-                        f"'text' (the row has {_keys(data)}){hint}")
+                        f"'text' (the row has {row_keys(data)}){hint}")
     example["origin"] = origin
-    example.update(_kept_columns({k: data[k] for k in _KEPT if k in data}, origin))
+    example.update(kept_columns({k: data[k] for k in _KEPT if k in data}, origin))
     return example
 
 
 def _conversation(messages: Any, origin: str) -> list[dict]:
     if not isinstance(messages, list):
         raise DataError(f"{origin}: field 'messages' must be a list of messages, got "
-                        f"{_type_name(messages)}")
-    messages = _check_messages(messages, "messages", origin)
+                        f"{type_name(messages)}")
+    messages = check_messages(messages, "messages", origin)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}: field 'messages' has no assistant turn; SFT learns the "
                         "assistant's replies")
@@ -134,21 +133,21 @@ def _conversation(messages: Any, origin: str) -> list[dict]:
 
 def _prompt_completion(data: dict, origin: str) -> dict:
     completion, prompt = data["completion"], data.get("prompt")
-    _check_text_or_messages(completion, "completion", origin)
+    check_text_or_messages(completion, "completion", origin)
     if prompt is not None:
-        _check_text_or_messages(prompt, "prompt", origin)
+        check_text_or_messages(prompt, "prompt", origin)
     if isinstance(completion, str) and not isinstance(prompt, list):
         if prompt is None:
-            raise DataError(f"{origin}: missing field 'prompt' (the row has {_keys(data)})")
+            raise DataError(f"{origin}: missing field 'prompt' (the row has {row_keys(data)})")
         return {"prompt": prompt, "completion": completion, "format": "prompt-completion"}
-    prompt, completion = _split_conversation(prompt, completion, origin)
+    prompt, completion = split_conversation(prompt, completion, origin)
     return {"prompt": prompt, "completion": completion, "format": "conversational"}
 
 
 def _nothing_to_learn(example: dict) -> bool:
     if example["format"] == "messages":
-        return _is_empty([m for m in example["messages"] if m["role"] == "assistant"])
-    return _is_empty(example["text"] if example["format"] == "text" else example["completion"])
+        return is_empty([m for m in example["messages"] if m["role"] == "assistant"])
+    return is_empty(example["text"] if example["format"] == "text" else example["completion"])
 
 
 def normalize_instructions(rows: list[Row], strict: bool = False
@@ -177,13 +176,13 @@ def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, list[tuple
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{origin}: the row is conversational but the tokenizer has no chat "
                         "template")
-    full = _apply_template(tokenizer, messages, origin)
+    full = apply_template(tokenizer, messages, origin)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _apply_template(tokenizer, messages[:i], origin, add_generation_prompt=True)
-        through = _apply_template(tokenizer, messages[: i + 1], origin)
+        before = apply_template(tokenizer, messages[:i], origin, add_generation_prompt=True)
+        through = apply_template(tokenizer, messages[: i + 1], origin)
         for text, what in ((before, "with its generation prompt"), (through, "")):
             if not full.startswith(text):
                 raise DataError(
@@ -207,8 +206,8 @@ def _messages_ids(examples: list[dict], tokenizer: Any) -> list[tuple[Ids, Ids, 
         starts = []
         for _ in spans:
             before, through = next(ids), next(ids)
-            start = _common_prefix(before, full)
-            end = _common_prefix(through, full)
+            start = common_prefix(before, full)
+            end = common_prefix(through, full)
             # A token that merges the turn's end with the next text still holds the reply.
             end += end < len(through)
             mask[start:end] = [1] * (end - start)
@@ -317,12 +316,12 @@ def collate_instructions(features: list[dict], pad_token_id: int,
     if not features:
         raise ValueError("collate_instructions needs at least one feature")
     sequences = [list(f["prompt_input_ids"]) + list(f["completion_input_ids"]) for f in features]
-    input_ids, attention_mask = _pad(sequences, pad_token_id, "right", None)
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, "right", None)
     completion_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
     for row, feature in enumerate(features):
         mask = loss_mask(feature, completion_only_loss)
         completion_mask[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                              "completion_mask": completion_mask}
-    batch.update(_collate_kept_columns(features))
+    batch.update(batch_columns(features))
     return batch

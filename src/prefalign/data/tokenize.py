@@ -239,12 +239,12 @@ def _tokenize_split(
     out = []
     for i, prefix in enumerate(prefixes):
         prompt, with_chosen, with_rejected = (prefix + list(x) for x in ids[3 * i : 3 * i + 3])
-        n = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
+        n = min(common_prefix(prompt, with_chosen), common_prefix(prompt, with_rejected))
         out.append(((prompt[:n], with_chosen[n:], with_rejected[n:]), n < len(prompt)))
     return out
 
 
-def _common_prefix(a: Ids, b: Ids) -> int:
+def common_prefix(a: Ids, b: Ids) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -273,10 +273,10 @@ def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, str, str]:
         raise DataError(
             f"{origin}: the row is conversational but the tokenizer has no chat template"
         )
-    prompt = _apply_template(tokenizer, example["prompt"], origin, add_generation_prompt=True)
+    prompt = apply_template(tokenizer, example["prompt"], origin, add_generation_prompt=True)
     full = []
     for key in ("chosen", "rejected"):
-        text = _apply_template(tokenizer, example["prompt"] + example[key], origin)
+        text = apply_template(tokenizer, example["prompt"] + example[key], origin)
         if not text.startswith(prompt):
             raise DataError(
                 f"{origin}: the chat template renders the prompt (with its generation prompt) "
@@ -288,7 +288,7 @@ def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, str, str]:
     return prompt, full[0], full[1]
 
 
-def _apply_template(tokenizer: Any, messages: list[dict], origin: str, **kwargs: Any) -> str:
+def apply_template(tokenizer: Any, messages: list[dict], origin: str, **kwargs: Any) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate")

@@ -29,19 +29,18 @@ from typing import Any
 
 import torch
 
-from prefalign.data.collate import _kept_columns as _collate_kept_columns
-from prefalign.data.collate import _pad
+from prefalign.data.collate import batch_columns, pad_sequences
 from prefalign.data.formats import (
     DROP_EMPTY,
     NormalizeReport,
-    _check_messages,
-    _check_text_or_messages,
-    _is_empty,
-    _kept_columns,
-    _keys,
-    _last_assistant_turn,
-    _type_name,
+    check_messages,
+    check_text_or_messages,
+    is_empty,
+    kept_columns,
+    last_assistant_turn,
     normalize_rows,
+    row_keys,
+    type_name,
 )
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import check_limits, render_ids, truncate_ids
@@ -105,7 +104,7 @@ def coerce_label(value: Any, origin: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    shown = _type_name(value) if value is None else repr(value)
+    shown = type_name(value) if value is None else repr(value)
     raise DataError(f"{origin}: field 'label' must be true or false (or 1/0), got {shown:.60}")
 
 
@@ -126,7 +125,7 @@ def normalize_unpaired(rows: list[Row], strict: bool = False
     examples = []
     for data, origin in rows:
         example = normalize_unpaired_row(data, origin)
-        if _is_empty(example["completion"]):
+        if is_empty(example["completion"]):
             if strict:
                 raise DataError(f"{origin}: {DROP_EMPTY}; strict mode drops nothing")
             report.record_drop(DROP_EMPTY, origin)
@@ -165,35 +164,35 @@ def normalize_unpaired_row(data: Any, origin: str) -> dict:
         )
     for key in UNPAIRED_KEYS:
         if data.get(key) is None:
-            raise DataError(f"{origin}: missing field {key!r} (the row has {_keys(data)})")
+            raise DataError(f"{origin}: missing field {key!r} (the row has {row_keys(data)})")
     label = coerce_label(data["label"], origin)
     completion, prompt = data["completion"], data.get("prompt")
-    _check_text_or_messages(completion, "completion", origin)
+    check_text_or_messages(completion, "completion", origin)
     if prompt is not None:
-        _check_text_or_messages(prompt, "prompt", origin)
+        check_text_or_messages(prompt, "prompt", origin)
     if isinstance(completion, str) and not isinstance(prompt, list):
         if prompt is None:
-            raise DataError(f"{origin}: missing field 'prompt' (the row has {_keys(data)})")
+            raise DataError(f"{origin}: missing field 'prompt' (the row has {row_keys(data)})")
         fmt = "text"
     else:
         fmt = "conversational"
-        prompt, completion = _split_conversation(prompt, completion, origin)
+        prompt, completion = split_conversation(prompt, completion, origin)
     example = {"prompt": prompt, "completion": completion, "label": label,
                "format": fmt, "origin": origin}
-    kept = _kept_columns(data, origin)
+    kept = kept_columns(data, origin)
     kept.pop("margin", None)  # a pair's margin has no meaning for a single completion
     example.update(kept)
     return example
 
 
-def _split_conversation(prompt: Any, completion: Any, origin: str) -> tuple[list, list]:
+def split_conversation(prompt: Any, completion: Any, origin: str) -> tuple[list, list]:
     """(prompt messages, completion messages) from a prompt + reply or a whole conversation."""
     if isinstance(completion, list):
-        completion = _check_messages(completion, "completion", origin)
+        completion = check_messages(completion, "completion", origin)
         if any(m["role"] != "assistant" for m in completion):
             # A whole conversation carries its own prompt; a prompt column beside it is
             # ignored, as data.formats does for chosen/rejected conversations.
-            return _last_assistant_turn(completion, "completion", origin)
+            return last_assistant_turn(completion, "completion", origin)
     else:
         completion = [{"role": "assistant", "content": completion}]
     if prompt is None:
@@ -203,7 +202,7 @@ def _split_conversation(prompt: Any, completion: Any, origin: str) -> tuple[list
         )
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}], completion
-    prompt = _check_messages(prompt, "prompt", origin)
+    prompt = check_messages(prompt, "prompt", origin)
     if prompt[-1]["role"] == "assistant":
         raise DataError(
             f"{origin}: field 'prompt' ends with an assistant turn; it must end with the "
@@ -291,7 +290,7 @@ def mismatched_pairs(features: list[dict], max_length: int | None = None) -> lis
 
 def _sequences(pairs: list[tuple[Ids, Ids]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
     """(prompt, completion) id pairs -> right-padded ids, attention mask, completion mask."""
-    input_ids, attention_mask = _pad([p + c for p, c in pairs], pad_token_id, "right", None)
+    input_ids, attention_mask = pad_sequences([p + c for p, c in pairs], pad_token_id, "right", None)
     completion_mask = attention_mask.bool()
     for row, (prompt, _) in enumerate(pairs):
         completion_mask[row, : len(prompt)] = False
@@ -322,7 +321,7 @@ def collate_unpaired(features: list[dict], pad_token_id: int, max_length: int | 
             mismatched_pairs(features, max_length), pad_token_id)
         batch.update(kl_input_ids=kl_ids, kl_attention_mask=kl_attention,
                      kl_completion_mask=kl_completion)
-    batch.update(_collate_kept_columns(features))
+    batch.update(batch_columns(features))
     return batch
 
 

@@ -28,7 +28,6 @@ from prefalign.demo.task import (
     review_prompts,
 )
 
-
 # The stages' fixed trainer options (learning rates, LoRA shapes, ...) are part of what a
 # cached stage was made with: bump this when they change.
 RECIPE = 2
