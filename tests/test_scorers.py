@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 
 from prefalign.errors import ConfigError, PrefalignError
+from prefalign.preferences.scorer_spec import SCORER_HELP, load_scorer, parse_spec
 from prefalign.preferences.scorers import (
     BUILTINS,
-    SCORER_HELP,
     Command,
     FunctionScorer,
     RewardModelScorer,
     WeightedSum,
     batched,
     extract_code,
-    load_scorer,
-    parse_spec,
 )
 
 

@@ -192,7 +192,7 @@ def run_iterate(config: IterateConfig, accelerator: Any = None) -> list[dict[str
     from prefalign.algorithms.runner import model_reference
     from prefalign.data.prompts import load_prompts
     from prefalign.models import load_causal_lm, load_tokenizer
-    from prefalign.preferences.scorers import load_scorer
+    from prefalign.preferences.scorer_spec import load_scorer
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -342,7 +342,7 @@ def resolve_scorer(spec: Any, tokenizer: Any) -> Scorer:
 
     Chat prompts reach the scorer as their rendered template text.
     """
-    from prefalign.preferences.scorers import load_scorer
+    from prefalign.preferences.scorer_spec import load_scorer
 
     scorer = load_scorer(spec)
     return lambda prompts, responses: scorer([prompt_text(tokenizer, p) for p in prompts],

@@ -4,7 +4,7 @@
         --num-candidates 4 --output synthetic.jsonl
 
 For each prompt, N candidates are sampled (generation.generate's per-row seeds), scored by
-a scorer spec (preferences.scorers) and sorted by score, best first. Pairing:
+a scorer spec (preferences.scorer_spec) and sorted by score, best first. Pairing:
   extremes  best vs worst, 2nd best vs 2nd worst, ...: N // 2 pairs, no candidate used twice
   all       every pair whose score gap is at least min_gap
 A pair is left out, and counted, when its texts are identical, its scores tie, its gap is
@@ -277,13 +277,13 @@ def generate_preferences(
     """Write best-of-N preference pairs for every prompt of `data` (see the module docstring).
 
     model: a model directory (or adapter directory), or a loaded model with `tokenizer`.
-    scorer: a scorer spec, a Scorer or a function (preferences.scorers.load_scorer).
+    scorer: a scorer spec, a Scorer or a function (preferences.scorer_spec.load_scorer).
     candidate_fields(generations of one batch, prompt-major): one dict per prompt, added
     to its candidates row (iterate uses it to record log-probs of the samples).
     """
     from prefalign.data.prompts import load_prompts
     from prefalign.generation import SamplingConfig
-    from prefalign.preferences.scorers import load_scorer
+    from prefalign.preferences.scorer_spec import load_scorer
 
     if num_candidates < 2:
         raise ConfigError(f"num_candidates must be >= 2 to make pairs, got {num_candidates}")
@@ -370,7 +370,7 @@ DESCRIPTION = ("Sample N candidates per prompt, score them with a scorer or rewa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefalign.preferences.scorers import SCORER_HELP
+    from prefalign.preferences.scorer_spec import SCORER_HELP
 
     add = parser.add_argument
     add("--model", required=True, help="policy to sample from: model or adapter directory")
