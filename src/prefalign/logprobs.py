@@ -107,11 +107,10 @@ def _reduce_chunk(logits: Tensor, targets: Tensor, stats: bool = False, top1: bo
     with torch.no_grad():
         if stats:
             detached = logits.detach()
-            logp = torch.log_softmax(detached, dim=-1)
-            # In place where possible: the statistics hold two chunks of logits' size at
-            # once, not three.
-            entropy = -logp.exp().mul_(logp).sum(-1)
-            columns += [detached.mean(-1), entropy]
+            # entropy = lse - sum(p * logits), p = exp(logits - lse): one temporary of the
+            # chunk's size, built in place, and the lse the log-probs already computed.
+            weighted = (detached - lse.unsqueeze(-1)).exp_().mul_(detached)
+            columns += [detached.mean(-1), lse - weighted.sum(-1)]
         if top1:
             columns.append((logits.detach().argmax(-1) == targets).float())
     extra = torch.stack(columns, -1) if columns else logps.detach().new_zeros(len(logps), 0)
@@ -226,7 +225,13 @@ def completion_logps(
         out = model.base_model(**inputs, use_cache=False)
         hidden = out.last_hidden_state
         lm_head = model.get_output_embeddings()
-        head = lm_head if temperature == 1.0 else (lambda h: lm_head(h) / temperature)
+        head = lm_head
+        if temperature != 1.0:
+            # Without a bias, dividing the (n, H) hidden states gives the same logits as
+            # dividing the (n, V) logits, at a fraction of the cost.
+            unbiased = getattr(lm_head, "bias", None) is None
+            head = ((lambda h: lm_head(h / temperature)) if unbiased
+                    else (lambda h: lm_head(h) / temperature))
         flat, extra = _head_logps(scored(hidden), head, targets, chunk_size, stats, top1,
                                   recompute=chunk_size is not None,
                                   vocab=lm_head.weight.shape[0])
