@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo-output",
                       help="where everything is written (default: demo-output)")
     demo.add_argument("--quick", action="store_true",
-                      help="a smaller, faster variant (fewer rows, steps and sweep points)")
+                      help="a faster variant: the same main runs, two sweep points each instead "
+                           "of three")
     demo.add_argument("--force", action="store_true", help="rerun every stage")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.set_defaults(func=_demo)
