@@ -173,8 +173,9 @@ def fail_writes(monkeypatch, site, out):
 
         monkeypatch.setattr(Path, "open", open_)
         return out / "metrics.jsonl", enospc.strerror
-    # site == "final": ... while the final adapter is written
-    def save_policy(*args, **kwargs):
+    # site == "final": ... while the final adapter is written, one file already out
+    def save_policy(model, tokenizer, directory, *args, **kwargs):
+        (Path(directory) / "adapter_config.json").write_text("{}", "utf-8")
         raise enospc
 
     monkeypatch.setattr("prefalign.algorithms.runner.save_policy", save_policy)
@@ -198,6 +199,8 @@ def test_full_disk_or_read_only_folder_is_one_line_and_keeps_checkpoints(
     ckpts = out / "checkpoints"
     assert [p.name for p in list_checkpoints(ckpts)] == [f"step-{s:07d}" for s in kept]
     assert not list(ckpts.glob(".step-*"))
+    # The final model is complete or absent: the half-written one went with its temp dir.
+    assert not (out / "final").exists() and not list(out.glob(".final.*"))
     monkeypatch.undo()
     assert main([*dpo_args(tiny_model_dir, data, out), "--resume"]) == 0
     assert_same_run(out, reference)
@@ -290,3 +293,22 @@ def test_annotation_output_cut_mid_write_is_rebuilt_on_resume(tmp_path):
     pairs = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(p["prompt"], p["chosen"]) for p in pairs] == [("Q0", "b0"), ("Q1", "a1"),
                                                            ("Q2", "b2")]
+
+
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    """replaced_whole (the final model's writer): a failed write leaves the earlier
+    directory exactly as it was; a finished one replaces it; no temp dir stays behind."""
+    from prefalign.train.checkpoint import replaced_whole
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old", "utf-8")
+    with pytest.raises(OSError), replaced_whole(final) as tmp:
+        (tmp / "model.safetensors").write_text("new, half", "utf-8")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert (final / "model.safetensors").read_text("utf-8") == "old"
+    with replaced_whole(final) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("new", "utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert [p.name for p in final.iterdir()] == ["adapter_model.safetensors"]

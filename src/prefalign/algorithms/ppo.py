@@ -398,7 +398,5 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
     algorithm = PPO(config, run.tokenizer, score, run.accelerator, reference,
                     samples_path=run.output_dir / "samples.jsonl")
     result = Trainer(config, module, algorithm, prompts, None, run.accelerator).train()
-    final = finish_run(run)
-    if run.accelerator.is_main_process:
-        save_value_head(module.value_head, final)
+    finish_run(run, extra=lambda directory: save_value_head(module.value_head, directory))
     return result

@@ -46,6 +46,7 @@ from prefalign.errors import DataError, writing
 from prefalign.losses import bradley_terry_loss
 from prefalign.packing import fallback_note, packed_kwargs, share_prefix_positions
 from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
+from prefalign.train.checkpoint import replaced_whole
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
 from prefalign.train.loop import Trainer, TrainResult
@@ -350,8 +351,8 @@ def finish_reward_run(run: Run) -> Path:
         if run.accelerator.is_main_process:
             if has_lora(model.backbone):
                 unload_lora(model.backbone, merge=True)
-            with writing(final, FINAL_KEPT):
-                model.save_pretrained(final, run.tokenizer)
+            with writing(final, FINAL_KEPT), replaced_whole(final) as tmp:
+                model.save_pretrained(tmp, run.tokenizer)
             run.print(f"saved {final}")
     run.accelerator.wait_for_everyone()
     return final

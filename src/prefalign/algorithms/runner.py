@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prefalign.models import (
     prepare_for_training,
     save_policy,
 )
+from prefalign.train.checkpoint import replaced_whole
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
 from prefalign.train.loop import make_accelerator
@@ -103,8 +105,11 @@ def load_frozen(path: str, run: Run) -> PreTrainedModel:
     return model.requires_grad_(False).eval()
 
 
-def finish_run(run: Run) -> Path:
+def finish_run(run: Run, extra: Callable[[Path], None] | None = None) -> Path:
     """Write OUTPUT/final (adapter or full model + tokenizer), and final-merged on request.
+
+    extra(directory): writes more files into final/ (PPO's value head), before it is
+    renamed into place, so final/ is whole or absent with them too.
 
     Every process calls it: under FSDP / ZeRO-3 all of them gather the weights, then the
     main process writes the same artifact as a one-process run would.
@@ -114,9 +119,13 @@ def finish_run(run: Run) -> Path:
     with full_model(run.model, run.accelerator) as model:
         if run.accelerator.is_main_process:
             merged = run.output_dir / "final-merged" if run.config.merge and run.is_lora else None
-            with writing(final, FINAL_KEPT):
-                save_policy(model, run.tokenizer, final, merged,
+            with writing(final, FINAL_KEPT), ExitStack() as stack:
+                final_tmp = stack.enter_context(replaced_whole(final))
+                merged_tmp = stack.enter_context(replaced_whole(merged)) if merged else None
+                save_policy(model, run.tokenizer, final_tmp, merged_tmp,
                             base_name=model_reference(run.config.model))
+                if extra is not None:
+                    extra(final_tmp)
             run.print(f"saved {final}" + (f" and {merged}" if merged else ""))
     run.accelerator.wait_for_everyone()
     return final

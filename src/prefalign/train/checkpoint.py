@@ -28,6 +28,8 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,33 @@ def _stale_temps(root: Path) -> list[Path]:
     """Temp dirs of saves a crash or kill -9 cut short: never loaded, only taking space.
     Called by the one writer after its own temp dir was renamed, so none is in use."""
     return [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_dir()]
+
+
+@contextmanager
+def replaced_whole(directory: Path) -> Iterator[Path]:
+    """Yield a temp sibling of `directory` to write into; on success it becomes `directory`
+    (replacing an earlier one), on failure it is deleted. A reader, or a kill -9, finds the
+    old complete directory or the new one, never a partial one.
+
+    The final model uses it: a run killed while saving it leaves the previous final/ (or
+    none) and its checkpoints, and the same command with --resume writes it again.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _rng_file(rank: int) -> str:
