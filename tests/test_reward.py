@@ -428,3 +428,42 @@ def test_cli_reward_then_score(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in scored.read_text().splitlines()]
     assert len(rows) == 8 and all(isinstance(r["score_chosen"], float) for r in rows)
     assert main(["score", "--reward-model", str(tmp_path / "missing"), "--data", data]) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_mlp_only_at_read_positions_gives_the_same_rewards_and_gradients(
+        make_model, tokenizer, arch, checkpointing):
+    """The last layer's MLP runs on one position per sequence (the reward token), and the
+    rewards and every gradient equal running it everywhere; gradient checkpointing, which
+    recomputes the layer in backward, keeps the full MLP."""
+    import copy
+
+    ids = tokenizer(["a b c d e f", "a b", "c d e"], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    base = RewardModel.from_causal_lm(make_model(arch), tokenizer.pad_token_id)
+    torch.nn.init.normal_(base.score.weight, std=0.5)
+    for module in base.modules():  # train mode (checkpointing needs it), same numbers
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    results = []
+    for at_reads in (False, True):
+        model = copy.deepcopy(base).train()
+        model.last_mlp_at_reads = at_reads
+        if checkpointing:
+            model.backbone.gradient_checkpointing_enable({"use_reentrant": False})
+        rows = []
+        layers = getattr(model.backbone, "layers", None) or model.backbone.h
+        layers[-1].mlp.register_forward_hook(
+            lambda m, a, o: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+        rewards = model(ids["input_ids"], ids["attention_mask"])
+        (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((rewards.detach(), grads, rows[0]))
+    (r_full, g_full, rows_full), (r_read, g_read, rows_read) = results
+    positions = ids["input_ids"].numel()
+    assert rows_full == positions and rows_read == (positions if checkpointing else 3)
+    torch.testing.assert_close(r_read, r_full, atol=1e-5, rtol=0)
+    assert g_read.keys() == g_full.keys() and len(g_full) > 4
+    for name in g_full:
+        torch.testing.assert_close(g_read[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)

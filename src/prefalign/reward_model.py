@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +45,52 @@ def last_token_index(input_ids: Tensor, attention_mask: Tensor,
         real = real & (input_ids != pad_token_id)
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
     return (positions * real).argmax(-1)
+
+
+# Architectures whose last decoder layer ends in a per-position dense MLP (no mixture of
+# experts, whose routing statistics would see fewer tokens): see _last_mlp.
+_DENSE_LAST_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+
+
+def _last_mlp(backbone: nn.Module) -> nn.Module | None:
+    """The MLP of the backbone's last decoder layer when only read positions need it.
+
+    After the last layer only the positions whose reward is read reach the score head (the
+    final norm works per position), so that MLP (about two thirds of the layer's matmuls)
+    may run on those positions alone; the other positions get zeros, which makes their
+    last hidden states wrong but unread.
+    """
+    config = getattr(backbone, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _DENSE_LAST_MLP:
+        return None
+    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    return getattr(layers[-1], "mlp", None) if layers else None
+
+
+def _checkpointing(backbone: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_...
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(backbone), name):
+            return bool(getattr(backbone, name))
+    return False
+
+
+def _select_rows(mlp: nn.Module, args: tuple) -> tuple | None:
+    positions = getattr(mlp, "read_positions", None)
+    if positions is None:
+        return None
+    hidden = args[0]
+    mlp.read_shape = hidden.shape
+    return (hidden.reshape(-1, hidden.shape[-1])[positions],) + args[1:]
+
+
+def _scatter_rows(mlp: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+    positions = getattr(mlp, "read_positions", None)
+    if positions is None:
+        return None
+    shape = mlp.read_shape
+    full = output.new_zeros(shape[:-1].numel(), output.shape[-1])
+    return full.index_copy(0, positions, output).view(*shape[:-1], output.shape[-1])
 
 
 def _classification_shell(config, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -74,6 +122,28 @@ class RewardModel(nn.Module):
         self.score = score
         self.pad_token_id = pad_token_id
         self.trust_remote_code = trust_remote_code
+        self.last_mlp_at_reads = True  # see _last_mlp; False runs it everywhere
+        mlp = _last_mlp(backbone)
+        if mlp is not None and not getattr(mlp, "read_hooks", False):
+            # Hooks, not a wrapper module: parameter names (checkpoints, saved models) stay.
+            mlp.register_forward_pre_hook(_select_rows)
+            mlp.register_forward_hook(_scatter_rows)
+            mlp.read_hooks = True
+
+    @contextmanager
+    def _reads_at(self, positions: Tensor) -> Iterator[None]:
+        """Run the last MLP only at `positions` (flat indices into the backbone's rows x
+        sequence) during the backbone call inside. Off under gradient checkpointing,
+        whose recomputation in backward happens outside this call."""
+        mlp = _last_mlp(self.backbone) if self.last_mlp_at_reads else None
+        if mlp is None or _checkpointing(self.backbone):
+            yield
+            return
+        mlp.read_positions = positions
+        try:
+            yield
+        finally:
+            mlp.read_positions = None
 
     @property
     def config(self):
@@ -102,17 +172,21 @@ class RewardModel(nn.Module):
         """packed: prefix-shared rows (packing.share_prefix_positions) the backbone reads
         instead; packed.source (B,) is where each sequence's reward token sits in them."""
         if packed is not None:
-            out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                attention_mask=attention_bias(self.backbone, packed.attention_mask),
-                                use_cache=False)
-            pooled = out.last_hidden_state.flatten(0, 1)[packed.source]  # (B, H)
+            reads = packed.source  # (B,) flat indices into the shared rows
+            with self._reads_at(reads):
+                out = self.backbone(
+                    input_ids=packed.input_ids, position_ids=packed.position_ids,
+                    attention_mask=attention_bias(self.backbone, packed.attention_mask),
+                    use_cache=False)
         else:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids_from_mask(attention_mask),
-                                use_cache=False)
-            hidden = out.last_hidden_state  # (B, T, H)
             last = last_token_index(input_ids, attention_mask, self.pad_token_id)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            reads = rows * input_ids.shape[1] + last
+            with self._reads_at(reads):
+                out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids_from_mask(attention_mask),
+                                    use_cache=False)
+        pooled = out.last_hidden_state.flatten(0, 1)[reads]  # (B, H)
         return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
 
     def to_sequence_classification(self) -> PreTrainedModel:
