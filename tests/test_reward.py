@@ -455,7 +455,7 @@ def test_last_mlp_only_at_read_positions_gives_the_same_rewards_and_gradients(
         rows = []
         layers = getattr(model.backbone, "layers", None) or model.backbone.h
         layers[-1].mlp.register_forward_hook(
-            lambda m, a, o: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+            lambda m, a, o, rows=rows: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
         rewards = model(ids["input_ids"], ids["attention_mask"])
         (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
