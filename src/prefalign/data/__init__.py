@@ -19,7 +19,6 @@ from prefalign.data.formats import NormalizeReport, normalize_rows
 from prefalign.data.instructions import InstructionReport, collate_instructions, load_instructions
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import TruncationReport, tokenize_preferences
-from prefalign.errors import DataError
 
 __all__ = [
     "CheckSummary",
@@ -67,8 +66,6 @@ def load_preferences(
     """
     name = "<list>" if isinstance(source, (list, tuple)) else str(source)
     examples, norm = normalize_rows(load_rows(source, split=split), strict=strict)
-    if not examples:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in norm.dropped.most_common())
-        raise DataError(f"{name}: all {norm.rows} rows were dropped ({reasons})")
+    norm.require_kept(name)
     features, trunc = tokenize_preferences(examples, tokenizer, max_length, max_prompt_length)
     return features, DataReport(source=name, normalize=norm, truncation=trunc)

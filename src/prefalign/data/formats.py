@@ -71,6 +71,12 @@ class NormalizeReport:
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
 
+    def require_kept(self, name: str) -> None:
+        """Raise DataError when every row was dropped: there is nothing to train on."""
+        if not self.kept:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
+            raise DataError(f"{name}: all {self.rows} rows were dropped ({reasons})")
+
     def record_drop(self, reason: str, origin: str) -> None:
         self.dropped[reason] += 1
         origins = self.dropped_origins.setdefault(reason, [])

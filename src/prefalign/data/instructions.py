@@ -51,11 +51,11 @@ from prefalign.data.formats import (
 )
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import (
+    CompletionTruncation,
     apply_template,
     check_limits,
     common_prefix,
     render_ids,
-    truncate_ids,
 )
 from prefalign.data.unpaired import split_conversation
 from prefalign.errors import DataError
@@ -249,18 +249,16 @@ def tokenize_instructions(
     rendered: dict[int, tuple[Ids, Ids, Ids]] = {}
     rendered.update(zip(whole, _messages_ids([examples[i] for i in whole], tokenizer)))
     rendered.update(zip(pairs, _pair_ids([examples[i] for i in pairs], tokenizer)))
-    features, cut_prompts, cut_completions = [], 0, 0
+    cut = CompletionTruncation(max_length, max_prompt_length, tokenizer.bos_token_id)
+    features = []
     for i, example in enumerate(examples):
         prompt, completion, mask = rendered[i]
-        p, c, _ = truncate_ids(prompt, completion, completion, max_length, max_prompt_length,
-                               tokenizer.bos_token_id)
-        cut_prompts += len(p) < len(prompt)
-        cut_completions += len(c) < len(completion)
+        p, c = cut(prompt, completion)
         feature = {"prompt_input_ids": p, "completion_input_ids": c,
                    "completion_mask": mask[: len(c)]}
         feature.update({k: example[k] for k in _KEPT if k in example})
         features.append(feature)
-    return features, (cut_prompts, cut_completions)
+    return features, cut.counts
 
 
 def load_instructions(
@@ -277,9 +275,7 @@ def load_instructions(
     """
     name = "<list>" if isinstance(source, (list, tuple)) else str(source)
     examples, norm = normalize_instructions(load_rows(source, split=split), strict=strict)
-    if not examples:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in norm.dropped.most_common())
-        raise DataError(f"{name}: all {norm.rows} rows were dropped ({reasons})")
+    norm.require_kept(name)
     features, (cut_prompts, cut_completions) = tokenize_instructions(
         examples, tokenizer, max_length, max_prompt_length)
     report = InstructionReport(

@@ -134,6 +134,26 @@ def truncate_ids(
     return prompt, chosen, rejected
 
 
+
+class CompletionTruncation:
+    """Truncates (prompt, completion) examples by truncate_ids' rule (the completion on
+    both sides) and counts how many prompts and completions it cut."""
+
+    def __init__(self, max_length: int | None, max_prompt_length: int | None,
+                 keep_first: int | None) -> None:
+        self.limits = (max_length, max_prompt_length, keep_first)
+        self.prompts = self.completions = 0
+
+    def __call__(self, prompt: Ids, completion: Ids) -> tuple[Ids, Ids]:
+        p, c, _ = truncate_ids(prompt, completion, completion, *self.limits)
+        self.prompts += len(p) < len(prompt)
+        self.completions += len(c) < len(completion)
+        return p, c
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.prompts, self.completions
+
 def _keep_last(ids: Ids, n: int, keep_first: int | None) -> Ids:
     if len(ids) <= n:
         return ids

@@ -43,7 +43,7 @@ from prefalign.data.formats import (
     type_name,
 )
 from prefalign.data.sources import Row, load_rows
-from prefalign.data.tokenize import check_limits, render_ids, truncate_ids
+from prefalign.data.tokenize import CompletionTruncation, check_limits, render_ids
 from prefalign.errors import DataError
 
 Ids = list[int]
@@ -230,16 +230,14 @@ def tokenize_unpaired(
     as_pairs = [{"prompt": e["prompt"], "chosen": e["completion"], "rejected": e["completion"],
                  "origin": e["origin"]} for e in examples]
     rendered, _ = render_ids(as_pairs, tokenizer, max_length, max_prompt_length)
-    features, cut_prompts, cut_completions = [], 0, 0
+    cut = CompletionTruncation(max_length, max_prompt_length, tokenizer.bos_token_id)
+    features = []
     for example, (prompt, completion, _) in zip(examples, rendered):
-        p, c, _ = truncate_ids(prompt, completion, completion, max_length, max_prompt_length,
-                               tokenizer.bos_token_id)
-        cut_prompts += len(p) < len(prompt)
-        cut_completions += len(c) < len(completion)
+        p, c = cut(prompt, completion)
         feature = {"prompt_input_ids": p, "completion_input_ids": c, "label": example["label"]}
         feature.update({k: example[k] for k in ("weight", "source", "id") if k in example})
         features.append(feature)
-    return features, (cut_prompts, cut_completions)
+    return features, cut.counts
 
 
 def load_unpaired(
@@ -256,9 +254,7 @@ def load_unpaired(
     """
     name = "<list>" if isinstance(source, (list, tuple)) else str(source)
     examples, norm, kind = normalize_unpaired(load_rows(source, split=split), strict=strict)
-    if not examples:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in norm.dropped.most_common())
-        raise DataError(f"{name}: all {norm.rows} rows were dropped ({reasons})")
+    norm.require_kept(name)
     features, (cut_prompts, cut_completions) = tokenize_unpaired(
         examples, tokenizer, max_length, max_prompt_length)
     desirable = sum(f["label"] for f in features)
