@@ -1,7 +1,9 @@
-"""Data builders shared by the tests."""
+"""Data builders and a local chat endpoint shared by the tests."""
 
 import json
 import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -20,3 +22,49 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+class ScriptedServer:
+    """/v1/chat/completions on 127.0.0.1: each item (found by a word of its candidates)
+    gets its answers in order; (status, content) with status != 200 is an error reply.
+    An item no script entry names gets `default`. Every request is kept in `requests`
+    (path, body, Authorization header)."""
+
+    def __init__(self, script, default=None):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.requests, self.lock = [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({"path": self.path, "body": body,
+                                            "auth": self.headers.get("Authorization")})
+                    text = body["messages"][0]["content"]
+                    case = next((k for k in server.script if k in text), None)
+                    status, content = (default if case is None
+                                       else server.script[case].pop(0))
+                if status != 200:
+                    self.send_response(status)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                            "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from helpers import write_jsonl
+from helpers import ScriptedServer, write_jsonl
 from prefalign.data import load_preferences
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.generation import render_prompts
@@ -145,49 +145,6 @@ def test_rigged_local_judge_ranks_and_writes_pairs(tmp_path, tokenizer, items):
 
 
 # ---- an OpenAI-compatible endpoint --------------------------------------------------------
-
-
-class ScriptedServer:
-    """/v1/chat/completions on 127.0.0.1: each item (found by a word of its candidates)
-    gets its answers in order; (status, content) with status != 200 is an error reply."""
-
-    def __init__(self, script):
-        self.script = {k: list(v) for k, v in script.items()}
-        self.requests, self.lock = [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "auth": self.headers.get("Authorization")})
-                    text = body["messages"][0]["content"]
-                    case = next(k for k in server.script if k in text)
-                    status, content = server.script[case].pop(0)
-                if status != 200:
-                    self.send_response(status)
-                    self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    return
-                data = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                            "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

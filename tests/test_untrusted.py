@@ -11,16 +11,13 @@ import ast
 import contextlib
 import dataclasses
 import io
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import preference_rows, write_jsonl
+from helpers import ScriptedServer, preference_rows, write_jsonl
 from prefalign.cli import TRAINERS, build_parser, main
 
 SRC = Path(__file__).parents[1] / "src" / "prefalign"
@@ -168,36 +165,6 @@ def test_api_keys_come_only_from_the_environment():
 # ---- a whole pipeline with an API key in the environment ----------------------------------
 
 
-class Endpoint:
-    """An OpenAI-compatible chat endpoint on localhost that ranks "1,0" and records the
-    Authorization header of every request."""
-
-    def __init__(self):
-        seen = self.auth = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                seen.append(self.headers.get("Authorization"))
-                body = json.dumps({"choices": [{"message": {"content": "1,0"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_model_dir):
     """Run dpo (LoRA, checkpoints, --merge), judge, evaluate and annotate through the CLI
@@ -208,7 +175,7 @@ def pipeline(tmp_path_factory, tiny_model_dir):
     candidates = write_jsonl(root / "candidates.jsonl",
                              [{"prompt": f"Q{i}", "candidates": [f"a{i}", f"b{i}"]} for i in range(3)])
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": "The film 1:"}])
-    out, endpoint = root / "dpo", Endpoint()
+    out, endpoint = root / "dpo", ScriptedServer({}, default=(200, "1,0"))
     printed, logged = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(logged)
     logging.getLogger().addHandler(handler)
@@ -236,7 +203,8 @@ def pipeline(tmp_path_factory, tiny_model_dir):
         endpoint.close()
         logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(previous_level)
-    return root, printed.getvalue() + logged.getvalue(), endpoint.auth
+    return (root, printed.getvalue() + logged.getvalue(),
+            [r["auth"] for r in endpoint.requests])
 
 
 def test_api_key_is_never_written_printed_or_logged(pipeline):
