@@ -19,6 +19,7 @@ import time
 import pytest
 
 from helpers import write_jsonl
+from prefalign.cli import main
 from prefalign.errors import DataError
 from prefalign.preferences.annotate import (
     Item,
@@ -26,7 +27,6 @@ from prefalign.preferences.annotate import (
     check_identical_adjacent,
     identical_groups,
     layout,
-    main,
     pair_rows,
     pairs_from_ranking,
     parse_ranking,
@@ -34,7 +34,7 @@ from prefalign.preferences.annotate import (
     wrap,
 )
 
-LAUNCH = "import sys; from prefalign.preferences.annotate import main; sys.exit(main())"
+LAUNCH = "import sys; from prefalign.cli import main; sys.exit(main(['annotate', *sys.argv[1:]]))"
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -143,7 +143,7 @@ def test_bad_rows_stop_before_anything_is_asked(tmp_path, row, message):
 
 def test_main_reports_a_bad_row_on_one_line(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q", "candidates": ["a"]}])
-    assert main(["--input", path, "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert main(["annotate", "--input", path, "--output", str(tmp_path / "out.jsonl")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from prefalign.data.sources import load_rows
-from prefalign.errors import DataError, PrefalignError
+from prefalign.errors import DataError
 
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Below this a column holds two or three words per line and is harder to read than a stack.
@@ -445,24 +445,3 @@ def run(args: argparse.Namespace) -> int:
 DESCRIPTION = ("Rank each prompt's candidate completions by hand, best first, and write every "
                "pair the ranking implies. Progress is saved after every item; the same command "
                "again continues where it stopped.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefalign annotate", description=DESCRIPTION)
-    add_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except PrefalignError as exc:
-        if args.debug:
-            raise
-        print(f"prefalign: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prefalign: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
