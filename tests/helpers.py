@@ -68,3 +68,19 @@ class ScriptedServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class ScriptedJudge:
+    """A judge that answers "1,0" for every item and raises KeyboardInterrupt on call
+    number `fail_at` (a crash mid-run)."""
+
+    name, settings = "scripted", {"judge": "scripted"}
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, texts, attempt):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return ["1,0"] * len(texts)

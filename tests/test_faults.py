@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import preference_rows, write_jsonl
+from helpers import ScriptedJudge, preference_rows, write_jsonl
 from prefalign.cli import main
 from prefalign.errors import PrefalignError
 from prefalign.preferences.annotate import annotate
@@ -207,21 +207,6 @@ def test_full_disk_or_read_only_folder_is_one_line_and_keeps_checkpoints(
 
 
 # ---- generation and judging: the Journal ---------------------------------------------------
-
-
-class ScriptedJudge:
-    """Answers "1,0"; raises KeyboardInterrupt on call number `fail_at`."""
-
-    name, settings = "scripted", {"judge": "scripted"}
-
-    def __init__(self, fail_at=None):
-        self.calls, self.fail_at = 0, fail_at
-
-    def __call__(self, texts, attempt):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        return ["1,0"] * len(texts)
 
 
 def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path):

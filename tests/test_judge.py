@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from helpers import ScriptedServer, write_jsonl
+from helpers import ScriptedJudge, ScriptedServer, write_jsonl
 from prefalign.data import load_preferences
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.generation import render_prompts
@@ -246,21 +246,6 @@ def test_redirects_are_not_followed(monkeypatch, no_proxy):
 
 
 # ---- resume -------------------------------------------------------------------------------
-
-
-class ScriptedJudge:
-    """Answers "1,0" for every item; raises on call number `fail_at` (a crash mid-run)."""
-
-    name, settings = "scripted", {"judge": "scripted"}
-
-    def __init__(self, fail_at=None):
-        self.calls, self.fail_at = 0, fail_at
-
-    def __call__(self, texts, attempt):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        return ["1,0"] * len(texts)
 
 
 def test_judging_resumes_without_duplicates(tmp_path):
