@@ -340,6 +340,15 @@ def preference_loss(name: str, logps: PairLogps, params: LossParams) -> PairLoss
     return spec.fn(logps, params)
 
 
+def weighted_mean(losses: Tensor, weight: Tensor | None) -> Tensor:
+    """The mean of per-row losses, each row counting `weight` times (weight 2 = the row
+    repeated); None = plain mean."""
+    if weight is None:
+        return losses.mean()
+    weight = weight.to(losses)
+    return (losses * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
 def nll_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
     """Negative log-likelihood, averaged over the masked tokens of the whole batch.
 

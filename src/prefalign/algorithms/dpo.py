@@ -39,6 +39,7 @@ from prefalign.losses import (
     PairLogps,
     nll_loss,
     preference_loss,
+    weighted_mean,
 )
 from prefalign.packing import fallback_note, packed_kwargs, share_prefix
 from prefalign.train.config import TrainConfig
@@ -143,12 +144,7 @@ class DPO:
         params = LossParams(beta=self._beta(batch), label_smoothing=self.config.label_smoothing,
                             simpo_gamma=self.config.simpo_gamma)
         result = preference_loss(self.config.loss_type, logps, params)
-        weight = batch.get("weight")
-        if weight is None:
-            loss = result.losses.mean()
-        else:
-            weight = weight.to(result.losses)
-            loss = (result.losses * weight).sum() / weight.sum().clamp(min=1e-12)
+        loss = weighted_mean(result.losses, batch.get("weight"))
         metrics = {
             "rewards/chosen": result.chosen_rewards.mean(),
             "rewards/rejected": result.rejected_rewards.mean(),

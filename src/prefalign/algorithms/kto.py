@@ -33,7 +33,7 @@ from prefalign.algorithms.runner import Run, finish_run, load_frozen, load_polic
 from prefalign.config import option, require
 from prefalign.data.unpaired import collate_unpaired, load_unpaired, weight_balance_note
 from prefalign.logprobs import CompletionLogps, LogpsModel
-from prefalign.losses import kto_kl_estimate, kto_loss
+from prefalign.losses import kto_kl_estimate, kto_loss, weighted_mean
 from prefalign.train.config import TrainConfig
 from prefalign.train.loop import STAND_IN, Trainer, TrainResult
 
@@ -111,12 +111,7 @@ class KTO:
         labels = batch["label"].bool()
         losses, rewards = kto_loss(out.logps, ref, labels, kl, c.beta, c.desirable_weight,
                                    c.undesirable_weight)
-        weight = batch.get("weight")
-        if weight is None:
-            loss = losses.mean()
-        else:
-            weight = weight.to(losses)
-            loss = (losses * weight).sum() / weight.sum().clamp(min=1e-12)
+        loss = weighted_mean(losses, batch.get("weight"))
         return loss, self._metrics(out, rewards, labels, kl)
 
     @staticmethod

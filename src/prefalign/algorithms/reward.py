@@ -43,7 +43,7 @@ from prefalign.data.sources import load_rows
 from prefalign.data.tokenize import tokenize_preferences
 from prefalign.data.unpaired import normalize_unpaired_row, tokenize_unpaired
 from prefalign.errors import DataError, writing
-from prefalign.losses import bradley_terry_loss
+from prefalign.losses import bradley_terry_loss, weighted_mean
 from prefalign.packing import fallback_note, packed_kwargs, share_prefix_positions
 from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
 from prefalign.train.checkpoint import replaced_whole
@@ -110,12 +110,7 @@ class BradleyTerry:
         margin = batch.get("margin")
         losses = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(rewards),
                                     self.center_coef)
-        weight = batch.get("weight")
-        if weight is None:
-            loss = losses.mean()
-        else:
-            weight = weight.to(losses)
-            loss = (losses * weight).sum() / weight.sum().clamp(min=1e-12)
+        loss = weighted_mean(losses, batch.get("weight"))
         chosen, rejected = chosen.detach(), rejected.detach()
         return loss, {
             "accuracy": (chosen > rejected).float().mean(),
