@@ -2,8 +2,10 @@
 
 A randomly initialised model with Qwen2-0.5B's shapes (hidden 896, 24 layers, 14 heads,
 2 key-value heads, MLP 4864, vocabulary 151936, tied embeddings) in bf16, sequences of
-about --max-length tokens, LoRA r=16 on q/k/v/o for both frameworks. Each mode runs in its
-own process; reported: tokens/s, peak CUDA memory (max allocated) and MFU.
+about --max-length tokens, LoRA r=16 on q/k/v/o for both frameworks, or full fine-tuning
+with the `+full` variant (`prefalign+full`, `trl-fast+full`; the reference is then a frozen
+copy for both). Each mode runs in its own process; reported: tokens/s, peak CUDA memory
+(max allocated) and MFU. A mode that fails is reported with its error; the others run.
 
     python benchmarks/bench_gpu_dpo.py --repeats 3 --json gpu_dpo.json
     python benchmarks/bench_gpu_dpo.py --smoke          # tiny shapes, runs on a CPU too
@@ -37,11 +39,15 @@ SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key
              max_position_embeddings=512)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 VARIANTS = {"shared": {"prefix_sharing": True}, "chunk": {"logps_chunk_size": 1024},
-            "gc": {"gradient_checkpointing": True}}
+            "gc": {"gradient_checkpointing": True}, "full": {"lora_r": 0}}
+LORA_R = 16
 
 
-def write_setup(root: Path, shape: dict, n_rows: int, max_length: int, seed: int = 0):
-    """Model dir (bf16 safetensors) + JSONL rows of prompt/chosen/rejected text."""
+def write_setup(root: Path, shape: dict, n_rows: int, max_length: int, seed: int = 0,
+                words: int | None = None):
+    """Model dir (bf16 safetensors) + JSONL rows of prompt/chosen/rejected text of `words`
+    words each (default max_length / 2: prompt + completion then overflow a little and are
+    truncated, as DPO trainers do)."""
     import random
 
     import torch
@@ -62,7 +68,7 @@ def write_setup(root: Path, shape: dict, n_rows: int, max_length: int, seed: int
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    words = max_length // 2  # the small vocabulary makes about one token per word
+    words = words or max_length // 2  # the small vocabulary makes about one token per word
     data = root / "prefs.jsonl"
     with data.open("w") as handle:
         for _ in range(n_rows):
@@ -95,10 +101,11 @@ def _timed_prefalign(args, overrides: dict) -> list:
 
     from prefalign.algorithms.dpo import DPOConfig, run_dpo
 
+    overrides = {"lora_r": LORA_R, **overrides}
     config = DPOConfig(model=args.model, data=args.data, output_dir=tempfile.mkdtemp(),
                        max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
                        max_length=args.max_length, max_prompt_length=args.max_length // 2,
-                       lora_r=16, lora_dropout=0.0, learning_rate=1e-5, logging_steps=1,
+                       lora_dropout=0.0, learning_rate=1e-5, logging_steps=1,
                        seed=0, mixed_precision="bf16" if args.device == "cuda" else "no",
                        **overrides)
     stamps: list = []
@@ -107,7 +114,7 @@ def _timed_prefalign(args, overrides: dict) -> list:
     return stamps
 
 
-def _timed_trl(args, fast: bool) -> list:
+def _timed_trl(args, fast: bool, full: bool) -> list:
     import torch
     import trl
     from common import peft_lora, train_trl
@@ -123,7 +130,8 @@ def _timed_trl(args, fast: bool) -> list:
         save_strategy="no", seed=0, use_cpu=not cuda, bf16=cuda,
         **({"gradient_checkpointing": False} if fast else {}))
     return train_trl(trl.DPOTrainer, args.data, model=model, args=config,
-                     processing_class=tokenizer, peft_config=peft_lora(16, "CAUSAL_LM"))
+                     processing_class=tokenizer,
+                     peft_config=None if full else peft_lora(LORA_R, "CAUSAL_LM"))
 
 
 def worker(args) -> None:
@@ -135,7 +143,10 @@ def worker(args) -> None:
         overrides = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
         stamps = _timed_prefalign(args, overrides)
     else:
-        stamps = _timed_trl(args, fast=name == "trl-fast")
+        unknown = set(variants) - {"full"}
+        if unknown:
+            raise SystemExit(f"TRL modes take only the +full variant, not {sorted(unknown)}")
+        stamps = _timed_trl(args, fast=name == "trl-fast", full="full" in variants)
     measured = len(stamps) - args.warmup
     cuda = args.device == "cuda"
     print(json.dumps({
@@ -146,6 +157,13 @@ def worker(args) -> None:
 
 
 # -- parent ------------------------------------------------------------------------------
+
+
+def save(path: str | None, device: str, per_pair: float, flops: float, results: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"device": device, "per_pair": per_pair,
+                                          "flops_per_step": flops, "results": results},
+                                         indent=2) + "\n")
 
 
 def main() -> None:
@@ -201,26 +219,32 @@ def main() -> None:
                    str(args.warmup), "--device", "cuda" if cuda else "cpu"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+                print(f"{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                break
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if len(runs) < args.repeats:
+            results[mode] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+            save(args.json, device_name, per_pair, flops, results)
+            continue
         r = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None
              for k in ("steps_per_s", "peak_mem_gb", "peak_reserved_gb")}
         r["tokens_per_s"] = r["steps_per_s"] * args.batch_size * per_pair
         r["mfu"] = flops * r["steps_per_s"] / (peak * 1e12) if peak else None
         results[mode] = r
+        save(args.json, device_name, per_pair, flops, results)  # after each mode: a time-out keeps them
     started = time.strftime("%Y-%m-%d %H:%M")
-    print(f"DPO, Qwen2-0.5B shapes{' (smoke: tiny)' if args.smoke else ''}, bf16, LoRA r=16, "
-          f"batch {args.batch_size} pairs, {per_pair:.0f} tokens per pair, on {device_name}, "
+    print(f"DPO, Qwen2-0.5B shapes{' (smoke: tiny)' if args.smoke else ''}, bf16, LoRA r={LORA_R} "
+          f"(+full: full fine-tuning), batch {args.batch_size} pairs, {per_pair:.0f} tokens per pair, on {device_name}, "
           f"{started}, median of {args.repeats}")
     print(f"{'mode':<22} {'tokens/s':>9} {'peak GB':>8} {'MFU':>6}")
     for mode, r in results.items():
+        if "error" in r:
+            print(f"{mode:<22} failed: {r['error'][0][:200]}")
+            continue
         mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{mode:<22} {r['tokens_per_s']:>9.0f} {mem:>8} {mfu:>6}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name, "per_pair": per_pair,
-                                               "flops_per_step": flops, "results": results},
-                                              indent=2) + "\n")
+    save(args.json, device_name, per_pair, flops, results)
 
 
 if __name__ == "__main__":
