@@ -98,14 +98,17 @@ def scenarios(root: Path, model_dir: Path) -> dict[str, list[dict]]:
         "reward": [dict(common, kind="reward", data=pairs9)],
         "kto": [dict(common, kind="kto", data=data("thumbs9", thumbs(9)))],
         "sft": [dict(common, kind="sft", data=data("sft9", instructions(9)))],
-        # Dropout on: a resumed run must restore each process's own RNG state.
+        # Dropout on (DPO switches it off by default): a resumed run must restore each
+        # process's own RNG state.
         "resume_full": [dict(common, kind="dpo", data=data("pairs24", preference_rows(24)),
-                             lora_dropout=0.1, lr_scheduler="constant", max_steps=4,
-                             save_steps=2)],
+                             lora_dropout=0.1, disable_dropout=False, lr_scheduler="constant",
+                             max_steps=4, save_steps=2)],
         "resume": [dict(common, kind="dpo", data=str(root / "pairs24.jsonl"), lora_dropout=0.1,
-                        lr_scheduler="constant", max_steps=2, save_steps=2),
+                        disable_dropout=False, lr_scheduler="constant", max_steps=2,
+                        save_steps=2),
                    dict(common, kind="dpo", data=str(root / "pairs24.jsonl"), lora_dropout=0.1,
-                        lr_scheduler="constant", max_steps=4, save_steps=2, resume=True)],
+                        disable_dropout=False, lr_scheduler="constant", max_steps=4,
+                        save_steps=2, resume=True)],
         # 5 prompts at 4 per step: the second window (1 prompt) is topped up to 2.
         "ppo": [dict(common, kind="ppo", data=data("prompts5", [{"prompt": f"Review {i}:"}
                                                                   for i in range(5)]),

@@ -44,10 +44,12 @@ def test_accumulation_1x8_equals_8x1(tmp_path, tiny_model_dir, data):
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data):
-    full = config(tmp_path / "full", tiny_model_dir, data, max_steps=6, lora_dropout=0.1)
+    # Dropout kept on, so the resumed run also needs the RNG state back.
+    full = config(tmp_path / "full", tiny_model_dir, data, max_steps=6, lora_dropout=0.1,
+                  disable_dropout=False)
     run_dpo(full)
     part = config(tmp_path / "part", tiny_model_dir, data, max_steps=6, save_steps=2,
-                  lora_dropout=0.1)
+                  lora_dropout=0.1, disable_dropout=False)
     # Interrupt after step 4 by running a copy limited to 4 steps but with the same schedule:
     # stop the loop early through a failing algorithm hook is not needed; instead run to 6
     # once, delete everything after checkpoint 4 and resume from it.

@@ -27,11 +27,12 @@ STEPS = 6
 
 
 def dpo_args(model_dir, data, out):
-    """A 6-step LoRA DPO run with a checkpoint every step; dropout > 0, so an exact resume
-    also needs the RNG state back."""
+    """A 6-step LoRA DPO run with a checkpoint every step; dropout > 0 (and kept on), so an
+    exact resume also needs the RNG state back."""
     return ["dpo", "--model", str(model_dir), "--data", data, "--output-dir", str(out),
             "--max-steps", str(STEPS), "--batch-size", "2", "--grad-accum", "1",
-            "--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "1e-3",
+            "--lora-r", "4", "--lora-dropout", "0.1", "--no-disable-dropout",
+            "--learning-rate", "1e-3",
             "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "1",
             "--save-total-limit", "2", "--seed", "7"]
 

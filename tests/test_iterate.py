@@ -70,11 +70,13 @@ def test_two_rounds_each_start_from_and_refer_to_the_previous_model(tmp_path, ti
     trained = load_causal_lm(str(round1_final)).state_dict()
     assert any(not torch.equal(base[k], trained[k]) for k in base)
 
-    # A rerun finds every round done; a lost last record is computed again, and only it.
+    # A rerun with --resume finds every round done; a lost last record is computed again,
+    # and only it. Without --resume (or --overwrite) the used folder is refused.
+    assert cli.main(argv) == 2
     lines = (out / "rounds.jsonl").read_text().splitlines()
     (out / "rounds.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     mtime = (out / "round-2" / "dpo" / "metrics.jsonl").stat().st_mtime
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--resume"]) == 0
     again = records(out)
     assert [r["stage"] for r in again] == ["round", "round", "final"]
     assert again[2]["mean_score"] == final["mean_score"]

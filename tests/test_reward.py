@@ -25,7 +25,12 @@ from prefalign.data import collate_preferences, load_preferences
 from prefalign.data.collate import pad_sequences
 from prefalign.errors import ConfigError
 from prefalign.lora import apply_lora, lora_layers, save_adapter, unload_lora
-from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
+from prefalign.reward_model import (
+    RewardModel,
+    init_reward_model,
+    last_token_index,
+    load_reward_model,
+)
 from prefalign.tiny import build_model, build_tokenizer
 from prefalign.train.metrics import read_metrics
 
@@ -116,12 +121,12 @@ def test_hf_round_trip(make_model, tokenizer, tmp_path, arch):
 
 
 def test_load_causal_lm_and_adapter_dirs(make_model, tokenizer, tmp_path):
-    """A causal LM dir gives its backbone + a fresh head (HF's init: std = initializer_range);
-    an SFT adapter dir gives the merged fine-tuned backbone."""
+    """Reward training from a causal LM dir starts from its backbone + a fresh head (HF's
+    init: std = initializer_range); from an SFT adapter dir, the merged fine-tuned backbone."""
     base = make_model("llama")
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    plain = load_reward_model(tmp_path / "base")
+    plain = init_reward_model(tmp_path / "base")
     for (name, p), q in zip(plain.backbone.named_parameters(), base.model.parameters()):
         assert torch.equal(p, q), name
     std = plain.score.weight.std().item()
@@ -135,7 +140,7 @@ def test_load_causal_lm_and_adapter_dirs(make_model, tokenizer, tmp_path):
     save_adapter(tuned, tmp_path / "sft", base_model_name_or_path=str(tmp_path / "base"))
     tokenizer.save_pretrained(tmp_path / "sft")
     merged = unload_lora(tuned, merge=True).eval()
-    from_adapter = load_reward_model(tmp_path / "sft").eval()
+    from_adapter = init_reward_model(tmp_path / "sft").eval()
     ids = torch.tensor([tokenizer("Good great excellent")["input_ids"]])
     with torch.no_grad():
         want = merged.model(input_ids=ids).last_hidden_state
@@ -366,7 +371,7 @@ def test_full_finetune_writes_sequence_classification(tmp_path, tiny_model_dir):
                             warmup_ratio=0.0))
     final = tmp_path / "o" / "final"
     trained = AutoModelForSequenceClassification.from_pretrained(final, num_labels=1)
-    base = load_reward_model(tiny_model_dir).backbone
+    base = init_reward_model(tiny_model_dir).backbone
     changed = [n for (n, p), q in zip(trained.model.named_parameters(), base.parameters())
                if not torch.equal(p, q)]
     assert len(changed) == len(list(base.parameters()))  # every backbone weight trained

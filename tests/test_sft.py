@@ -488,6 +488,9 @@ def test_sft_adapter_is_the_start_and_reference_of_dpo(tmp_path, tiny_model_dir,
                                lora_r=4, lora_dropout=0.0, logging_steps=1, warmup_ratio=0.0))
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     dpo_adapter = json.loads((tmp_path / "dpo" / "final" / ADAPTER_CONFIG).read_text())
-    assert dpo_adapter["base_model_name_or_path"] == str(sft_final.resolve())
+    # One adapter over the true base holding both stages (ranks 4 + 4), not one naming
+    # the SFT adapter as its base (PEFT would load that as base + DPO only).
+    assert dpo_adapter["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert dpo_adapter["r"] == 8
     chained = LogpsModel(load_causal_lm(str(tmp_path / "dpo" / "final")))(*inputs).logps
     assert (chained - sft_logps).abs().max() > 1e-4  # base -> SFT -> DPO loads as one model

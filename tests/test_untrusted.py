@@ -248,7 +248,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, tiny_model_dir):
 
     from prefalign.errors import PrefalignError
     from prefalign.models import load_causal_lm
-    from prefalign.reward_model import load_reward_model
+    from prefalign.reward_model import init_reward_model
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled)
@@ -256,7 +256,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, tiny_model_dir):
     for weights in pickled.glob("*.safetensors"):
         weights.unlink()
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
-    for load in (load_causal_lm, load_reward_model):
+    for load in (load_causal_lm, init_reward_model):
         with pytest.raises(PrefalignError, match="safetensors only") as err:
             load(str(pickled))
         assert "\n" not in str(err.value) and str(pickled) in str(err.value)

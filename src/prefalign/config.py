@@ -22,9 +22,14 @@ import yaml
 from prefalign.errors import ConfigError
 
 
-def option(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
-    """A config field with its help text (and allowed values), shown by `--help`."""
-    meta = {"help": help, "choices": choices}
+def option(default: Any, help: str, choices: tuple | None = None,
+           aliases: tuple[str, ...] = (), **kwargs) -> Any:
+    """A config field with its help text (and allowed values), shown by `--help`.
+
+    aliases: further command-line flags for the field (e.g. ("--lr",)), listed in `--help`
+    next to the main one; prefixes of flags are never accepted, so a short form must be one.
+    """
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta,
                                  **kwargs)
@@ -39,14 +44,17 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_mapping(text: str) -> dict[str, float]:
-    """'helpful=0.1,safe=0.5' -> {'helpful': 0.1, 'safe': 0.5}."""
+def _parse_mapping(text: str, as_text: bool = False) -> dict[str, Any]:
+    """'helpful=0.1,safe=0.5' -> {'helpful': 0.1, 'safe': 0.5} (values kept as text when
+    as_text: 'prompt=question' -> {'prompt': 'question'})."""
     out = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected key=value pairs, got {item!r}")
-        out[key.strip()] = _to_float(value)
+        if key.strip() in out:
+            raise ValueError(f"key {key.strip()!r} is given twice")
+        out[key.strip()] = value.strip() if as_text else _to_float(value)
     return out
 
 
@@ -108,10 +116,12 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             (item_tp,) = typing.get_args(base)
             return [coerce(key, v.strip() if isinstance(v, str) else v, item_tp) for v in items if v != ""]
         if origin is dict:
-            mapping = _parse_mapping(value) if isinstance(value, str) else value
+            as_text = typing.get_args(base)[1:] == (str,)
+            mapping = _parse_mapping(value, as_text) if isinstance(value, str) else value
             if not isinstance(mapping, dict):
                 raise ValueError("expected a mapping like a=0.1,b=0.5")
-            return {str(k): _to_float(v) for k, v in mapping.items()}
+            convert = str if as_text else _to_float
+            return {str(k): convert(v) for k, v in mapping.items()}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key '{key}': {exc} (got {value!r})") from None
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
@@ -127,8 +137,9 @@ def _flag(name: str) -> str:
 
 
 def config_flags(cls: type) -> list[str]:
-    """The command-line flag of every option of `cls`, as add_config_arguments makes them."""
-    return [_flag(f.name) for f in _options(cls)]
+    """The command-line flags of every option of `cls` (aliases too), as
+    add_config_arguments makes them."""
+    return [flag for f in _options(cls) for flag in (_flag(f.name), *f.metadata.get("aliases", ()))]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -139,15 +150,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         choices = f.metadata.get("choices")
         help_text = f"{f.metadata['help']} (default: {default!r}"
         help_text += f"; one of: {', '.join(map(str, choices))})" if choices else ")"
-        flag = _flag(f.name)
+        flags = (_flag(f.name), *f.metadata.get("aliases", ()))
         base, _ = _unwrap_optional(hints[f.name])
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             origin = typing.get_origin(base)
             metavar = "K=V,..." if origin is dict else "A,B,..." if origin is list else None
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                                 help=help_text)
 
 

@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache: PPO rollouts, best-of-N candidates, evaluation.
 
 A hand-written decoding loop over the model's own forward (prefill once, then one token per
-step with `past_key_values`) rather than `model.generate`, because it needs three things
+step with the KV cache the prefill returned) rather than `model.generate`, because it needs three things
 generate does not give together: per-token log-probs of the sampled tokens, stop strings cut
 at a documented point, and results that do not depend on how prompts are grouped.
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prefalign.data.chat import prompt_messages, require_chat_template, text_as_chat
 from prefalign.data.collate import collate_prompts
 from prefalign.data.tokenize import tokenizer_adds_bos
 from prefalign.errors import ConfigError, DataError
@@ -181,7 +182,8 @@ def next_tokens(logits: Tensor, uniforms: Tensor, cfg: SamplingConfig) -> tuple[
 def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Prompt ids, rendered as data.tokenize renders prompts.
 
-    str: tokenized without special tokens, with BOS in front if the tokenizer adds one.
+    str: tokenized without special tokens, with BOS in front if the tokenizer adds one; with
+    --text-as-chat (data.chat) a user turn (or an HH transcript's turns) rendered as below.
     list of message dicts: chat template with the generation prompt (it writes its own BOS).
     list of ints: taken as already tokenized.
     """
@@ -193,7 +195,10 @@ def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]
         if kind is None:
             raise DataError(f"prompt {i}: expected a string, a list of chat messages or a list "
                             f"of token ids, got {type(prompt).__name__} {str(prompt)[:60]!r}")
+        if kind == "text" and text_as_chat(tokenizer):
+            prompt, kind = prompt_messages(prompt, f"prompt {i}"), "chat"
         if kind == "chat":
+            require_chat_template(tokenizer, f"prompt {i}")
             texts[i] = tokenizer.apply_chat_template(
                 list(prompt), tokenize=False, add_generation_prompt=True)
         elif kind == "text":
@@ -285,8 +290,8 @@ class _Responses:
 def _prefill(model: nn.Module, prompt_ids: list[list[int]], pad: int, n: int):
     """One forward over the P left-padded prompts, its cache repeated for n candidates each.
 
-    Returns cache (A = P * n rows), logits (A, V) at the last prompt token, attention mask
-    (A, T) and next position ids (A, 1).
+    Returns cache (A = P * n rows), the forward's keyword for it (see _cache_keyword),
+    logits (A, V) at the last prompt token, attention mask (A, T) and next position ids (A, 1).
     """
     device = next(model.parameters()).device
     batch = collate_prompts(prompt_ids, pad)
@@ -295,11 +300,27 @@ def _prefill(model: nn.Module, prompt_ids: list[list[int]], pad: int, n: int):
     extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                 position_ids=positions, use_cache=True, **extra)
-    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], positions[:, -1:] + 1
+    keyword = _cache_keyword(model, out)
+    cache, logits, next_pos = out[keyword], out.logits[:, -1], positions[:, -1:] + 1
     if n > 1:  # candidates share the prompt's prefill: repeat the cache, not the prompt
         cache.batch_repeat_interleave(n)
         logits, mask, next_pos = (x.repeat_interleave(n, dim=0) for x in (logits, mask, next_pos))
-    return cache, logits, mask, next_pos
+    return cache, keyword, logits, mask, next_pos
+
+
+def _cache_keyword(model: nn.Module, out: Any) -> str:
+    """The name of the KV cache in the model's forward and output: `cache` in transformers 5
+    (whose old name, `past_key_values`, warns on every call and is removed in 5.40),
+    `past_key_values` before it and in remote code written for it.
+
+    The forward's signature decides; a forward that takes **kwargs only is asked through
+    its output, which names the cache the way the model does.
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return "cache" if "cache" in out else "past_key_values"
 
 
 def _generate_batch(
@@ -309,7 +330,7 @@ def _generate_batch(
     """Sample cfg.n responses for each of P prompts; returns P * n Generations, candidates
     of a prompt together. A <= P * n rows stay active: finished rows leave the batch."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cache, logits, mask, next_pos = _prefill(model, prompt_ids, pad, cfg.n)
+    cache, keyword, logits, mask, next_pos = _prefill(model, prompt_ids, pad, cfg.n)
     keys = [(i, j) for i in indices for j in range(cfg.n)]
     uniforms = row_uniforms(cfg.seed, keys, cfg.max_new_tokens).to(mask.device)  # (A, steps)
     rows = _Responses(len(keys), tokenizer, cfg, eos_ids, stop_ids)
@@ -327,7 +348,7 @@ def _generate_batch(
             active = [active[a] for a in keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{keyword: cache})
         logits, next_pos = out.logits[:, -1], next_pos + 1
     return [
         Generation(prompt_index=i, candidate=j, prompt_ids=prompt_ids[r // cfg.n],

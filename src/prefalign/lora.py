@@ -9,6 +9,13 @@ The modules are named like PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_dropo
 adapter file written by `save_adapter` loads in `peft.PeftModel.from_pretrained` and adapters
 written by PEFT load here. The reference model of DPO/PPO is the same model inside
 `disable_adapters(model)`, never a second copy.
+
+Stacked stages (an SFT adapter, then DPO on top, then PPO): models.load_causal_lm merges an
+adapter into its base and keeps its factors (`MergedAdapters`), so the next stage's adapter
+is saved as one exact combined adapter over the true (non-adapter) base. LoRA updates add,
+so their ranks concatenate:  sum_i s_i B_i A_i = B' A'  with  A' = [A_1; A_2; ...] (rows),
+B' = [s_1 B_1, s_2 B_2, ...] (columns), r' = sum_i r_i and lora_alpha = r' (scaling 1).
+A module one stage did not adapt gets zero blocks in that stage's rows and columns.
 """
 
 from __future__ import annotations
@@ -335,6 +342,13 @@ def save_adapter(
 
     Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` with no
     adapter name, as PEFT saves them. Returns the directory.
+
+    A model whose weights hold merged adapters (`model.merged_adapters`, set when it was
+    loaded from an adapter directory) is saved as one combined adapter over their true base:
+    `stack_factors` of the merged stages and this one, r = the sum of their ranks,
+    lora_alpha = r, target_modules = the adapted modules' full names, and
+    base_model_name_or_path = that base, whatever `base_model_name_or_path` says. Loaded
+    on the base, by PEFT or here, it gives the same model as every stage applied in turn.
     """
     layers = lora_layers(model)
     settings = getattr(model, "lora_settings", None)
@@ -342,34 +356,98 @@ def save_adapter(
         raise ValueError("the model has no LoRA adapter to save: call apply_lora first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    targets = settings.target_modules
-    config = {
+    merged: MergedAdapters | None = getattr(model, "merged_adapters", None)
+    if merged is not None:
+        r, stacked = stack_factors([*merged.stages, layer_factors(model)])
+        conv1d = any(isinstance(m, Conv1D) or getattr(m, "is_conv1d", False)
+                     for m in (model.get_submodule(n) for n in stacked))
+        config = _adapter_config(merged.base, r, r, settings.dropout, sorted(stacked), conv1d,
+                                 use_rslora=False)
+        tensors = {f"{_PREFIX}{name}.{part}.weight": t for name, (a, b) in stacked.items()
+                   for part, t in (("lora_A", a), ("lora_B", b))}
+    else:
+        if base_model_name_or_path is None:
+            base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path",
+                                              None)
+        config = _adapter_config(base_model_name_or_path, settings.r, settings.alpha,
+                                 settings.dropout, settings.target_modules,
+                                 any(m.is_conv1d for m in layers.values()), settings.use_rslora)
+        tensors = {}
+        for name, layer in layers.items():
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(layer, part).weight
+                tensors[f"{_PREFIX}{name}.{part}.weight"] = weight.detach().cpu().contiguous()
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return directory
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MergedAdapters:
+    """LoRA updates that a model's weights already hold (models.load_causal_lm merged them).
+
+    base: the model the updates apply to, itself not an adapter (a directory or hub id).
+    stages: one {module name: (A (r, in), B * scaling (out, r))} per merged adapter, oldest
+    first, float32 on the CPU. Kept on the model as `model.merged_adapters` so that
+    `save_adapter` writes the next stage as one adapter over `base` that PEFT loads alone.
+    """
+
+    base: str
+    stages: tuple[Factors, ...]
+
+
+def layer_factors(model: nn.Module) -> Factors:
+    """{module name: (A (r, in), B * scaling (out, r))} of every LoRA layer: float32 CPU
+    copies, so that B @ A is the layer's update in the (out, in) layout of nn.Linear."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        a = layer.lora_A.weight.detach().float().cpu().clone()
+        b = (layer.lora_B.weight.detach().float() * layer.scaling).cpu()
+        out[name] = (a, b)
+    return out
+
+
+def stack_factors(stages: Sequence[Factors]) -> tuple[int, Factors]:
+    """One rank-r' adapter with scaling 1 equal to the sum of `stages` (see module docstring).
+
+    Returns (r', {module name: (A' (r', in), B' (out, r'))}) over the union of the stages'
+    modules; every stage's rank block is zero where that stage did not adapt the module.
+    """
+    ranks = [next(iter(stage.values()))[0].shape[0] for stage in stages]
+    shapes = {name: (a.shape[1], b.shape[0]) for stage in stages for name, (a, b) in stage.items()}
+    stacked = {}
+    for name, (in_f, out_f) in shapes.items():
+        blocks_a, blocks_b = [], []
+        for r, stage in zip(ranks, stages):
+            a, b = stage.get(name, (torch.zeros(r, in_f), torch.zeros(out_f, r)))
+            blocks_a.append(a)
+            blocks_b.append(b)
+        stacked[name] = (torch.cat(blocks_a, 0).contiguous(), torch.cat(blocks_b, 1).contiguous())
+    return sum(ranks), stacked
+
+
+def _adapter_config(base: str | None, r: int, alpha: float, dropout: float, targets,
+                    conv1d: bool, use_rslora: bool) -> dict:
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or None,
+        "base_model_name_or_path": base or None,
         "revision": None,
         "inference_mode": True,
-        "r": settings.r,
-        "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
         # PEFT flips this per layer anyway; True records that Conv1D weights are (in, out).
-        "fan_in_fan_out": any(m.is_conv1d for m in layers.values()),
+        "fan_in_fan_out": conv1d,
         "bias": "none",
-        "use_rslora": settings.use_rslora,
+        "use_rslora": use_rslora,
         "init_lora_weights": True,
         **_UNSUPPORTED,
     }
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {}
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(layer, part).weight
-            tensors[f"{_PREFIX}{name}.{part}.weight"] = weight.detach().cpu().contiguous()
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return directory
 
 
 def _read_adapter_config(directory: Path) -> LoRASettings:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +68,16 @@ class LossParams:
 
 @dataclass(frozen=True)
 class PairLoss:
-    """losses (B,) with gradients; chosen_rewards, rejected_rewards (B,) detached."""
+    """losses (B,) with gradients; chosen_rewards, rejected_rewards (B,) detached.
+
+    stats: further detached (B,) statistics a loss reports, logged as batch means under
+    their key (ORPO: log_odds_chosen, log_odds_ratio, TRL's names); empty for most losses.
+    """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -287,10 +292,13 @@ def orpo_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     without Reference Model", arXiv:2403.07691, Eqs. 4 and 7; reference-free.
 
     a = pi / |y| (average log-prob), log odds(y) = a - log(1 - exp(a))
-    loss = -lambda * log sigmoid(log odds(y_c) - log odds(y_r)),  lambda = beta
-    rewards = beta * a
-    The full ORPO objective (Eq. 6) adds the NLL of the chosen completion: the caller mixes
-    in `nll_loss`. Computed in at least fp32, as TRL.
+    z = log odds(y_c) - log odds(y_r)
+    loss = -lambda * log sigmoid(z),  lambda = beta
+    rewards = beta * a;  stats: log_odds_chosen = z, log_odds_ratio = log sigmoid(z)
+    The full ORPO objective (Eq. 6) adds the NLL of the chosen sequence: the caller mixes in
+    `nll_loss` (weight 1), over prompt and chosen completion tokens as TRL's ORPOTrainer
+    does (the paper's Eq. 2 averages over completion tokens only: DPOConfig.nll_tokens).
+    Computed in at least fp32, as TRL.
 
     Differences from TRL 1.16: TRL returns +beta * log sigmoid(...) and subtracts it; here the
     loss is positive so the caller adds it like any other loss. Average log-probs above -1e-6
@@ -302,8 +310,10 @@ def orpo_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     capped_c = chosen.clamp(max=_ORPO_MAX_AVG_LOGP)
     capped_r = rejected.clamp(max=_ORPO_MAX_AVG_LOGP)
     log_odds = (capped_c - capped_r) - (_log1mexp(capped_c) - _log1mexp(capped_r))
-    losses = -beta * F.logsigmoid(log_odds)
-    return _result(beta, chosen, rejected, losses)
+    ratio = F.logsigmoid(log_odds)
+    result = _result(beta, chosen, rejected, -beta * ratio)
+    stats = {"log_odds_chosen": log_odds.detach(), "log_odds_ratio": ratio.detach()}
+    return PairLoss(result.losses, result.chosen_rewards, result.rejected_rewards, stats)
 
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
@@ -354,7 +364,9 @@ def nll_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
 
     token_logps (B, T), mask (B, T) True = include. loss = -sum(logp * mask) / sum(mask): a
     token mean over the batch, like TRL's SFT term in DPOTrainer (loss_type "sft") and the
-    cross-entropy NLL term of CPO/ORPO. Scalar; 0 when the mask is empty (TRL gives nan).
+    cross-entropy NLL term of CPOTrainer (completion tokens) and ORPOTrainer (prompt and
+    completion tokens): the caller's mask decides which. Scalar; 0 when the mask is empty
+    (TRL gives nan).
     """
     mask = mask.bool()
     # where(), not multiplication, so a -inf at an excluded position cannot turn into nan.

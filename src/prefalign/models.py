@@ -17,12 +17,17 @@ from transformers import (
 from prefalign.errors import PrefalignError
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None,
+                   text_as_chat: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory, with a pad token guaranteed.
 
     A tokenizer without a pad token (GPT-2, Llama) pads with EOS: padded positions are
     masked everywhere, so the id only has to exist.
+    chat_template: a jinja file that replaces the tokenizer's chat template; text_as_chat:
+    render text rows with the template (both: data.chat.configure_tokenizer).
     """
+    from prefalign.data.chat import configure_tokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -34,7 +39,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
             raise PrefalignError(f"tokenizer of {path} has neither a pad nor an EOS token; "
                                  "add a pad token to it before training")
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return configure_tokenizer(tokenizer, chat_template, text_as_chat, name=path)
 
 
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
@@ -90,10 +95,20 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
 
     An adapter directory (PEFT format, e.g. the output of `prefalign sft` with LoRA) is
     loaded onto its base model and merged, so the result is the fine-tuned model itself:
-    the starting point and the reference of the next stage.
+    the starting point and the reference of the next stage. The merged updates stay on the
+    model as `model.merged_adapters` (lora.MergedAdapters: the true base and each adapter's
+    factors), so that a LoRA stage trained on it saves one adapter over the true base
+    (lora.save_adapter) instead of naming this adapter directory as its base, which PEFT
+    would load as base + last stage only.
     quantization: "4bit" | "8bit" loads the weights through bitsandbytes (CUDA only).
     """
-    from prefalign.lora import ADAPTER_CONFIG, load_adapter, unload_lora
+    from prefalign.lora import (
+        ADAPTER_CONFIG,
+        MergedAdapters,
+        layer_factors,
+        load_adapter,
+        unload_lora,
+    )
 
     local = Path(path)
     extra = {}
@@ -111,11 +126,17 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
             raise PrefalignError(f"{local / ADAPTER_CONFIG} names no base_model_name_or_path; "
                                  "cannot tell which model the adapter belongs to")
         model = load_causal_lm(base, trust_remote_code)
+        # An older artifact may name another adapter directory as its base: already merged.
+        earlier = getattr(model, "merged_adapters", None)
         try:
             load_adapter(model, local, trainable=False)
         except (ValueError, FileNotFoundError) as exc:
             raise PrefalignError(f"cannot load adapter {local}: {exc}") from None
+        stage = layer_factors(model)
         model = unload_lora(model, merge=True)
+        model.merged_adapters = (
+            MergedAdapters(earlier.base, (*earlier.stages, stage)) if earlier
+            else MergedAdapters(base, (stage,)))
         model.name_or_path = str(local)
         return model
     try:
@@ -162,10 +183,30 @@ def prepare_for_training(model: PreTrainedModel, config) -> PreTrainedModel:
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every dropout of `model` off, in place: each nn.Dropout (the model's and
+    LoRA's lora_dropout) gets p = 0, as TRL's `disable_dropout_in_model` does, and so does
+    the float `attention_dropout` that HF attention modules (Llama, Qwen2, Mistral, ...)
+    pass to their attention kernel in training mode, which no nn.Dropout holds.
+
+    Preference and RL losses compare log-probs of the same tokens under the policy and the
+    reference (or across passes): with dropout on they differ by noise, not by the weights.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def save_policy(model: PreTrainedModel, tokenizer, directory: Path, merged_dir: Path | None = None,
                 base_name: str | None = None) -> Path:
     """The final artifact: a PEFT-format adapter for LoRA runs, else an HF model directory.
 
+    A LoRA run that started from an adapter directory writes one combined adapter over the
+    true base model (see lora.save_adapter), so `peft.PeftModel.from_pretrained(base, directory)`
+    gives every stage, not the last one alone.
     merged_dir: also write the LoRA-merged model there as a plain HF model directory.
     """
     import copy

@@ -13,6 +13,11 @@ id is not `config.pad_token_id`. prefalign uses the same rule (restricted to att
 positions), so both agree under left and right padding. When pad == eos (GPT-2, Llama
 tokenizers without a pad token) a trailing EOS counts as padding in HF, and so here: the
 reward is read at the token before it, in training and in every later use alike.
+
+Scoring needs a trained head: load_reward_model accepts only what check_reward_model
+passes (num_labels=1 and `score.weight` present in the safetensors files, read from their
+headers), so a causal LM is never scored through a head transformers made up. Reward
+training starts from a causal LM with a fresh head through init_reward_model instead.
 """
 
 from __future__ import annotations
@@ -230,32 +235,230 @@ def is_sequence_classification_dir(path: str | Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
+# Every place that scores with a reward model (score, evaluate, best-of-N and iterate
+# scorers, PPO) loads it through load_reward_model, which calls check_reward_model first:
+# transformers would otherwise give a causal LM, a num_labels=2 classifier or a checkpoint
+# without head weights a freshly initialised `score` and every score would be noise.
+REWARD_MODEL_FIX = ("train one with `prefalign reward` or pass a sequence-classification "
+                    "checkpoint with num_labels=1")
+_HEAD_KEY = "score.weight"
+
+
+def _local_dir(path: str) -> Path:
+    """A local directory, or the snapshot of a hub id already in the local cache."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if not local.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not a repo id, or not cached: either way nothing to load
+            pass
+    raise PrefalignError(f"reward model {path}: no such directory (nor a model in the local "
+                         "hub cache; the hub is not reached at run time)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrefalignError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise PrefalignError(f"{path}: expected a JSON object")
+    return data
+
+
+def _safetensors_header(path: Path) -> dict:
+    """{tensor name: {dtype, shape, data_offsets}} from a .safetensors file's JSON header:
+    8 bytes of little-endian length, then the header; no tensor is read."""
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size <= 0 or size > 100_000_000:
+                raise ValueError(f"implausible header length {size}")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError) as exc:
+        raise PrefalignError(f"cannot read the safetensors header of {path}: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def head_shape(directory: Path) -> tuple[int, ...] | None:
+    """The saved shape of `score.weight` in a model directory's safetensors files (through
+    model.safetensors.index.json when sharded), None when no file holds it."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shard = (_read_json(index).get("weight_map") or {}).get(_HEAD_KEY)
+        if shard is None or not (directory / shard).is_file():
+            return None
+        files = [directory / shard]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    for file in files:
+        entry = _safetensors_header(file).get(_HEAD_KEY)
+        if entry is not None:
+            return tuple(entry.get("shape") or ())
+    return None
+
+
+def _what_is(directory: Path) -> str | None:
+    """None for a reward model directory, else what it is instead (completes "X is ...")."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return "not a model directory (no config.json)"
+    config = _read_json(config_file)
+    architectures = [str(a) for a in config.get("architectures") or []]
+    arch = ", ".join(architectures)
+    if not architectures:
+        return (f"a model whose config.json names no architectures (model_type "
+                f"{config.get('model_type')!r}), so no score head can be found in it")
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            return f"a causal language model ({arch})"
+        return f"a {arch} model"
+    # PretrainedConfig writes id2label for num_labels != 2 and defaults to 2 without it.
+    labels = config.get("id2label")
+    num_labels = len(labels) if isinstance(labels, dict) else int(config.get("num_labels", 2))
+    if num_labels != 1:
+        return (f"a sequence-classification checkpoint with num_labels={num_labels} ({arch}), "
+                "which gives one score per label")
+    if not any(directory.glob("*.safetensors")):
+        from prefalign.models import pickle_hint
+
+        hint = pickle_hint(directory) or ": it has no *.safetensors weight files"
+        raise PrefalignError(f"cannot load a reward model from {directory}{hint}")
+    shape = head_shape(directory)
+    if shape is None:
+        return (f"a {arch} checkpoint whose weight files hold no `{_HEAD_KEY}`, so its head "
+                "would be randomly initialised")
+    if len(shape) != 2 or shape[0] != 1:
+        return f"a {arch} checkpoint whose `{_HEAD_KEY}` has shape {list(shape)}, not [1, hidden]"
+    return None
+
+
+def _adapter_base(directory: Path) -> str | None:
+    """The base model an adapter directory names (None: not an adapter directory)."""
+    from prefalign.lora import ADAPTER_CONFIG
+
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return None
+    base = _read_json(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise PrefalignError(f"{directory / ADAPTER_CONFIG} names no base_model_name_or_path; "
+                             "cannot tell which model the adapter belongs to")
+    return str(base)
+
+
+def check_reward_model(path: str | Path) -> Path:
+    """The local directory of a reward model (a trained scalar head whose weights are in
+    its safetensors files), else a PrefalignError in one line saying what `path` is.
+
+    Reads config.json and safetensors headers only. A LoRA adapter directory passes when
+    its base model does.
+    """
+    local = _local_dir(str(path))
+    base = _adapter_base(local)
+    if base is not None:
+        try:
+            base_dir = _local_dir(base)
+        except PrefalignError as exc:
+            raise PrefalignError(f"{path} is a LoRA adapter on {base}, which cannot be "
+                                 f"loaded: {exc}") from None
+        problem = _what_is(base_dir)
+        if problem is not None:
+            raise PrefalignError(f"{path} is a LoRA adapter on {base}, which is "
+                                 f"{problem}, not a reward model: {REWARD_MODEL_FIX}")
+        return local
+    problem = _what_is(local)
+    if problem is not None:
+        raise PrefalignError(f"{path} is {problem}, not a reward model: "
+                             f"{REWARD_MODEL_FIX}")
+    return local
+
+
 def load_reward_model(path: str | Path, tokenizer=None,
                       trust_remote_code: bool = False) -> RewardModel:
-    """A RewardModel from a reward-model directory (HF sequence classification, e.g.
-    OUTPUT/final of `prefalign reward`), a causal LM directory (fresh head) or a PEFT
-    adapter directory such as an SFT output (merged onto its base, fresh head).
+    """A RewardModel from a reward-model directory: an HF sequence-classification directory
+    with num_labels=1 and its `score` weights saved (e.g. OUTPUT/final of `prefalign
+    reward`), or a LoRA adapter directory on one (merged in). Anything else, a causal LM
+    above all, is refused by check_reward_model: its head would be random. To start
+    reward training from a causal LM, use init_reward_model.
 
     The pad id: the saved config's (what HF reads), else the tokenizer's; the tokenizer is
     loaded from `path` when not given.
     """
-    from prefalign.models import load_causal_lm, load_tokenizer, pickle_hint
+    from prefalign.models import load_tokenizer
 
+    local = check_reward_model(path)
     path = str(path)
     if tokenizer is None:
-        tokenizer = load_tokenizer(path, trust_remote_code)
-    if not is_sequence_classification_dir(path):
-        model = load_causal_lm(path, trust_remote_code)
-        return RewardModel.from_causal_lm(model, tokenizer.pad_token_id, trust_remote_code)
+        tokenizer = load_tokenizer(str(local), trust_remote_code)
+    base = _adapter_base(local)
+    if base is not None:
+        return _load_adapter_reward_model(local, base, tokenizer, trust_remote_code)
+    hf = _load_classification(local, path, trust_remote_code)
+    pad = hf.config.get_text_config().pad_token_id
+    return RewardModel(hf.base_model, hf.score, tokenizer.pad_token_id if pad is None else pad,
+                       trust_remote_code)
+
+
+def _load_classification(local: Path, path: str, trust_remote_code: bool) -> PreTrainedModel:
+    from prefalign.models import pickle_hint
+
     try:
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True)
+        hf, info = AutoModelForSequenceClassification.from_pretrained(
+            str(local), trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise PrefalignError(f"cannot load a reward model from {path}: "
-                             f"{str(exc).splitlines()[0]}{pickle_hint(Path(path))}") from None
+                             f"{str(exc).splitlines()[0]}{pickle_hint(local)}") from None
     score = getattr(hf, "score", None)
     if not isinstance(score, nn.Linear) or score.out_features != 1:
-        raise PrefalignError(f"{path}: {type(hf).__name__} has no scalar `score` head")
-    pad = hf.config.get_text_config().pad_token_id
-    return RewardModel(hf.base_model, score, tokenizer.pad_token_id if pad is None else pad,
+        raise PrefalignError(f"{path}: {type(hf).__name__} has no scalar `score` head, not a "
+                             f"reward model: {REWARD_MODEL_FIX}")
+    # The headers said the head is there; this also catches a head the model class
+    # names differently (transformers initialised it at random).
+    fresh = [k for k in info.get("missing_keys", ()) if k.split(".")[0] == "score"]
+    if fresh:
+        raise PrefalignError(f"{path}: the checkpoint holds no weights for {fresh[0]}, so the "
+                             f"head would be random, not a reward model: {REWARD_MODEL_FIX}")
+    return hf
+
+
+def _load_adapter_reward_model(adapter: Path, base: str, tokenizer,
+                               trust_remote_code: bool) -> RewardModel:
+    """A LoRA adapter (PEFT format, keys of the sequence-classification model) merged into
+    the reward model it was trained on."""
+    from prefalign.lora import load_adapter, unload_lora
+
+    model = load_reward_model(base, tokenizer, trust_remote_code)
+    hf = model.to_sequence_classification()  # shares the modules: merging reaches `model`
+    try:
+        load_adapter(hf, adapter, trainable=False)
+    except (ValueError, FileNotFoundError) as exc:
+        raise PrefalignError(f"cannot load adapter {adapter}: {exc}") from None
+    unload_lora(hf, merge=True)
+    return RewardModel(getattr(hf, hf.base_model_prefix), hf.score, model.pad_token_id,
                        trust_remote_code)
+
+
+def init_reward_model(path: str | Path, tokenizer=None,
+                      trust_remote_code: bool = False) -> RewardModel:
+    """The starting point of reward training (and of a PPO critic's backbone): a reward
+    model directory as load_reward_model loads it (its trained head), else a causal LM or
+    an adapter directory such as an SFT output (merged onto its base) with a fresh head.
+    A sequence-classification directory that is not a reward model is refused."""
+    from prefalign.models import load_causal_lm, load_tokenizer
+
+    path = str(path)
+    local = Path(path).expanduser()
+    base = _adapter_base(local) if local.is_dir() else None
+    if is_sequence_classification_dir(local) or (
+            base is not None and is_sequence_classification_dir(Path(base).expanduser())):
+        return load_reward_model(path, tokenizer, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code)
+    return RewardModel.from_causal_lm(model, tokenizer.pad_token_id, trust_remote_code)

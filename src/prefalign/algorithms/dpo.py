@@ -10,6 +10,7 @@ The reference log-probs come from, in order of preference for memory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ from prefalign.packing import fallback_note, packed_kwargs, share_prefix
 from prefalign.train.config import TrainConfig
 from prefalign.train.loop import Trainer, TrainResult
 
+# Which tokens the NLL term (rpo_alpha, ORPO's SFT term) averages over; see DPOConfig.
+NLL_TOKENS = ("auto", "sequence", "completion")
+
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -53,7 +57,12 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = option(0.0, "assumed label-flip rate (cDPO, robust, simpo)")
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma")
     rpo_alpha: float | None = option(
-        None, "weight of an NLL term on chosen completions; none = 0 (1.0 for orpo)")
+        None, "weight of an NLL term on the chosen sequences; none = 0 (1.0 for orpo)")
+    nll_tokens: str = option(
+        "auto", "tokens the NLL term averages over: sequence = prompt and chosen completion "
+        "(TRL's ORPOTrainer), completion = chosen completion only (TRL's DPOTrainer "
+        "rpo_alpha; the ORPO paper's Eq. 2); auto = sequence for orpo, else completion",
+        choices=NLL_TOKENS)
     beta_per_source: dict[str, float] = option(
         {}, "a beta per data `source`, e.g. helpful=0.1,safe=0.5 (others use beta)")
     ref_model: str | None = option(None, "reference model dir; none = the starting model")
@@ -62,6 +71,9 @@ class DPOConfig(TrainConfig):
     prefix_sharing: bool = option(
         False, "one row per pair, [prompt | chosen | rejected], so the prompt is computed "
         "once (rejected tokens do not attend to chosen ones); the same numbers")
+    disable_dropout: bool = option(
+        True, "switch off every dropout (the model's and LoRA's), so that policy and "
+        "reference log-probs differ by the weights only, as TRL's DPOTrainer does by default")
 
     def validate(self) -> None:
         super().validate()
@@ -73,12 +85,21 @@ class DPOConfig(TrainConfig):
         require(not self.label_smoothing or spec.uses_label_smoothing, "label_smoothing",
                 f"has no effect on loss_type {self.loss_type}")
         require(self.rpo_alpha is None or self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0")
+        require(self.nll_tokens == "auto" or self.nll_weight > 0, "nll_tokens",
+                "has no effect without an NLL term (set rpo_alpha > 0 or loss_type orpo)")
 
     @property
     def nll_weight(self) -> float:
         if self.rpo_alpha is not None:
             return self.rpo_alpha
         return 1.0 if self.loss_type == "orpo" else 0.0
+
+    @property
+    def nll_covers_prompt(self) -> bool:
+        """Whether the NLL term includes the chosen rows' prompt tokens (see nll_tokens)."""
+        if self.nll_tokens == "auto":
+            return self.loss_type == "orpo"
+        return self.nll_tokens == "sequence"
 
     @property
     def reference_free(self) -> bool:
@@ -89,11 +110,26 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _completions_only(out: CompletionLogps, completion_mask: Tensor) -> CompletionLogps:
+    """`out` scored prompt tokens too (for the NLL term): the same result restricted to the
+    completion tokens, which every preference loss and metric reads."""
+    mask = out.mask & completion_mask.bool()
+    token_logps = torch.where(mask, out.token_logps, torch.zeros_like(out.token_logps))
+    return dataclasses.replace(out, token_logps=token_logps, mask=mask,
+                               logps=token_logps.sum(-1), lengths=mask.sum(-1).to(token_logps.dtype))
+
+
 class DPO:
     """compute_loss for the DPO family.
 
     reference: scores the batch under the reference; None when the loss is reference-free
     or the features carry precomputed `ref_chosen_logps` / `ref_rejected_logps`.
+
+    ORPO is TRL's ORPOTrainer (loss, rewards/*, nll_loss, log_odds_ratio, log_odds_chosen
+    and gradients agree): loss = NLL of prompt + chosen tokens, a token mean over the batch,
+    plus the mean odds-ratio term. logps/* and logits/* keep this class's meaning for every
+    loss (sums and mean logits over completion tokens); TRL's ORPO logs per-token average
+    log-probs and a mean logit over all positions there.
     """
 
     progress_keys = ("rewards/accuracies", "rewards/margins")
@@ -127,8 +163,14 @@ class DPO:
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         shared = packed_kwargs(batch)
-        out: CompletionLogps = model(*inputs, stats=True, **shared)
-        half = out.logps.shape[0] // 2
+        half = batch["input_ids"].shape[0] // 2
+        scored = batch["completion_mask"].bool()
+        if self.config.nll_weight and self.config.nll_covers_prompt:
+            # One forward scores the chosen rows' prompt tokens too, for the NLL term only.
+            scored = scored.clone()
+            scored[:half] |= batch["attention_mask"][:half].bool()
+        full: CompletionLogps = model(*inputs[:2], scored, stats=True, **shared)
+        out = _completions_only(full, batch["completion_mask"])
         if self.config.reference_free:
             ref = None
         elif "ref_logps" in batch:
@@ -155,8 +197,9 @@ class DPO:
             "logits/chosen": _masked_mean(out.mean_logits[:half], out.mask[:half]),
             "logits/rejected": _masked_mean(out.mean_logits[half:], out.mask[half:]),
         }
+        metrics.update({key: values.mean() for key, values in result.stats.items()})
         if self.config.nll_weight:
-            nll = nll_loss(out.token_logps[:half], out.mask[:half])
+            nll = nll_loss(full.token_logps[:half], full.mask[:half])
             loss = loss + self.config.nll_weight * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics

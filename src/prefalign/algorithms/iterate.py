@@ -9,6 +9,8 @@ num_candidates responses per prompt from that policy (preferences.best_of_n), sc
 pairs them, and runs DPO starting from that policy, which is also the round's reference: each
 round moves a bounded step from where it began. An adapter directory is merged into its base
 when loaded (models.load_causal_lm), so round r's `dpo/final` is a valid model for round r + 1.
+With LoRA each round's `dpo/final` is one adapter over the true base holding every round so
+far (lora.save_adapter stacks them: rank r * lora_r after round r), which PEFT loads alone.
 
 Every DPO option is an iterate option (a DPO YAML works as --config as it is); `data` holds
 the prompts. OUTPUT/round-R/ holds pairs.jsonl, pairs.candidates.jsonl (every sample with
@@ -21,8 +23,10 @@ round, printed as well, to show when gains level off:
                 temperature; 0 in round 1)
   pairs, dpo_loss_first, dpo_loss_last, dpo_accuracy_last
 With evaluate_final a last record (stage "final") samples the last round's output, so the
-last DPO's gain shows too. A stopped run continues with the same command: finished rounds
-are skipped, generation resumes per batch, and a round whose DPO has a final/ keeps it.
+last DPO's gain shows too. A stopped run continues with the same command plus --resume
+(its settings must be the saved config.yaml's): finished rounds are skipped, generation
+resumes per batch, a round whose DPO has a final/ keeps it, and one without continues from
+its newest checkpoint, if any. Without --resume or --overwrite a non-empty OUTPUT is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from prefalign.algorithms.dpo import DPOConfig, run_dpo
 from prefalign.config import option, require, save_config
 from prefalign.errors import PrefalignError
 from prefalign.preferences.best_of_n import PAIRINGS, generate_preferences, sidecar
+from prefalign.train.output_dir import prepare_output_dir
 
 
 @dataclass
@@ -195,15 +200,19 @@ def run_iterate(config: IterateConfig, accelerator: Any = None) -> list[dict[str
     from prefalign.preferences.scorer_spec import load_scorer
 
     out = Path(config.output_dir)
+    prepare_output_dir(config)  # no overlap with --model/--data/--scorer, no earlier run
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     log = out / "rounds.jsonl"
     records = _read_records(log)
     log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     done = {(r["stage"], r["round"]) for r in records}
-    prompts = [{k: p[k] for k in ("prompt", "id") if k in p} for p in load_prompts(config.data)]
+    rows = load_prompts(config.data, config.split, config.columns,
+                        log=lambda line: print(f"data: {line}", flush=True))
+    prompts = [{k: p[k] for k in ("prompt", "id") if k in p} for p in rows]
     scorer = load_scorer(config.scorer)
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template,
+                               config.text_as_chat)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = load_causal_lm(config.model, config.trust_remote_code).to(device).eval()
     dpo_fields = [f.name for f in dataclasses.fields(DPOConfig) if f.init]
@@ -241,6 +250,8 @@ def run_iterate(config: IterateConfig, accelerator: Any = None) -> list[dict[str
             if not _final_exists(dpo_dir / "final"):
                 values = {name: getattr(config, name) for name in dpo_fields}
                 values.update(model=policy_path, data=str(pairs_path), output_dir=str(dpo_dir))
+                # columns and split describe the user's prompt file, not the pairs written here.
+                values.update(columns={}, split=None)
                 dpo_config = DPOConfig(**values)
                 dpo_config.validate()
                 run_dpo(dpo_config, accelerator)

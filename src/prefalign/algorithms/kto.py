@@ -29,7 +29,14 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from prefalign.algorithms.reference import ReferenceScorer
-from prefalign.algorithms.runner import Run, finish_run, load_frozen, load_policy, open_run
+from prefalign.algorithms.runner import (
+    Run,
+    data_options,
+    finish_run,
+    load_frozen,
+    load_policy,
+    open_run,
+)
 from prefalign.config import option, require
 from prefalign.data.unpaired import collate_unpaired, load_unpaired, weight_balance_note
 from prefalign.logprobs import CompletionLogps, LogpsModel
@@ -48,6 +55,9 @@ class KTOConfig(TrainConfig):
         1.0, "loss weight of desirable (label true) rows; see the balance hint at start")
     undesirable_weight: float = option(1.0, "loss weight of undesirable (label false) rows")
     ref_model: str | None = option(None, "reference model dir; none = the starting model")
+    disable_dropout: bool = option(
+        True, "switch off every dropout (the model's and LoRA's), so that policy and "
+        "reference log-probs differ by the weights only, as TRL's KTOTrainer does by default")
 
     def validate(self) -> None:
         super().validate()
@@ -149,7 +159,8 @@ def load_examples(source: str, run: Run, key: str) -> tuple[list[dict[str, Any]]
     """Unpaired features for training or evaluation, with a one-line data report."""
     c = run.config
     features, report = load_unpaired(source, run.tokenizer, max_length=c.max_length,
-                                     max_prompt_length=c.max_prompt_length, strict=c.strict)
+                                     max_prompt_length=c.max_prompt_length, strict=c.strict,
+                                     **data_options(run, key))
     run.print(f"{key}: {report.describe()}")
     return features, report
 

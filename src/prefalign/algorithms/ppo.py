@@ -29,6 +29,7 @@ from prefalign.config import option, require
 from prefalign.errors import ConfigError
 from prefalign.generation import SamplingConfig, generate
 from prefalign.lora import disable_adapters
+from prefalign.preferences.scorers import row_columns
 from prefalign.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -52,8 +53,8 @@ class PPOConfig(TrainConfig):
     reward_fn: str | None = option(
         None, "scorer instead of a reward model: module:function or a built-in scorer spec")
     value_model: str | None = option(
-        None, "initialise a separate critic from this reward model dir; none = value head "
-        "on the policy backbone")
+        None, "initialise a separate critic from the backbone of this reward model (or "
+        "causal LM) dir; none = value head on the policy backbone")
     kl_coef: float = option(0.05, "initial KL penalty coefficient")
     kl_estimator: str = option("k1", "per-token KL estimator", choices=KL_ESTIMATORS)
     target_kl: float | None = option(
@@ -77,6 +78,10 @@ class PPOConfig(TrainConfig):
     top_p: float = option(1.0, "nucleus sampling")
     stop_strings: list[str] = option([], "end a response at any of these strings")
     num_samples: int = option(4, "sample generations written to samples.jsonl per log")
+    disable_dropout: bool = option(
+        True, "switch off every dropout (the model's, LoRA's and the critic's): with it on, "
+        "the ratio to the rollout's log-probs is not 1 for an unchanged policy (TRL's "
+        "PPOTrainer always switches it off)")
 
     def validate(self) -> None:
         super().validate()
@@ -244,8 +249,8 @@ class PPO:
                 row["ref_logps"] = ref[i, :n].float().cpu()
                 row["entropy"] = float(masked_mean(out.entropy[i, :n], out.mask[i, :n]))
         texts = [g.text for g in gens]
-        scores = torch.tensor(self.scorer([p["prompt"] for p in prompts], texts),
-                              dtype=torch.float32)
+        scores = torch.tensor(self.scorer([p["prompt"] for p in prompts], texts,
+                                          row_columns(prompts)), dtype=torch.float32)
         return self._advantages(rows, scores, prompts, texts, gens)
 
     def _row(self, g) -> dict[str, Tensor]:
@@ -338,15 +343,17 @@ def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> str:
 
 
 def resolve_scorer(spec: Any, tokenizer: Any) -> Scorer:
-    """A reward-model dir, a scorer spec or a Python callable -> (prompts, responses) -> scores.
+    """A reward-model dir, a scorer spec or a Python callable ->
+    (prompts, responses, columns=None) -> scores; columns: the prompt rows' other fields
+    (preferences.scorers.row_columns), read by reward functions in TRL's form.
 
     Chat prompts reach the scorer as their rendered template text.
     """
     from prefalign.preferences.scorer_spec import load_scorer
 
     scorer = load_scorer(spec)
-    return lambda prompts, responses: scorer([prompt_text(tokenizer, p) for p in prompts],
-                                             responses)
+    return lambda prompts, responses, columns=None: scorer(
+        [prompt_text(tokenizer, p) for p in prompts], responses, columns)
 
 
 def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None):
@@ -373,21 +380,26 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
     if not (scorer or config.reward_model or config.reward_fn):
         raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
                           "model directory or a scorer spec (module:function, a built-in)")
+    if not scorer and config.reward_model:
+        from prefalign.reward_model import check_reward_model
+
+        check_reward_model(config.reward_model)  # before minutes of loading the policy
     run = start_run(config, accelerator)
     if shards_parameters(run.accelerator):
         # Sampling runs the unwrapped policy, which under FSDP / ZeRO-3 holds only a shard.
         raise ConfigError("PPO does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling needs "
                           "the whole policy on every process. Use DDP or ZeRO-2 (see "
                           "docs/distributed.md)")
-    disable_dropout(run.model)
-    prompts = load_prompts(config.data)
+    prompts = load_prompts(config.data, config.split, config.columns,
+                           log=lambda line: run.print(f"data: {line}"))
     run.print(f"data: {config.data}: {len(prompts)} prompts")
     critic = None
     if config.value_model:
         critic = critic_backbone(config.value_model)
         if config.lora_r > 0:
             apply_lora(critic, config.lora_targets, config.lora_r, config.lora_alpha)
-        disable_dropout(critic)
+        if config.disable_dropout:
+            disable_dropout(critic)
     hidden = (critic or run.model).config.get_text_config().hidden_size
     module = PolicyWithValue(run.model, ValueHead(hidden), critic)
     reference = None

@@ -64,12 +64,13 @@ class PolicyWithValue(nn.Module):
         return out, _aligned(self.value_head(hidden))
 
 
-def critic_backbone(reward_model_dir: str) -> nn.Module:
-    """The transformer of a reward model (or any causal LM dir), without its head."""
-    from prefalign.reward_model import load_reward_model
+def critic_backbone(model_dir: str) -> nn.Module:
+    """The transformer of a reward model, causal LM or adapter directory, without its head:
+    the critic reads hidden states through its own new ValueHead, so no score head is used
+    (a classification directory that is not a reward model is still refused)."""
+    from prefalign.reward_model import init_reward_model
 
-    reward_model = load_reward_model(reward_model_dir)
-    return reward_model.backbone
+    return init_reward_model(model_dir).backbone
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -45,7 +45,13 @@ from prefalign.data.unpaired import normalize_unpaired_row, tokenize_unpaired
 from prefalign.errors import DataError, writing
 from prefalign.losses import bradley_terry_loss, weighted_mean
 from prefalign.packing import fallback_note, packed_kwargs, share_prefix_positions
-from prefalign.reward_model import RewardModel, last_token_index, load_reward_model
+from prefalign.reward_model import (
+    RewardModel,
+    check_reward_model,
+    init_reward_model,
+    last_token_index,
+    load_reward_model,
+)
 from prefalign.train.checkpoint import replaced_whole
 from prefalign.train.config import TrainConfig
 from prefalign.train.distributed import full_model
@@ -66,6 +72,9 @@ class RewardConfig(TrainConfig):
     prefix_sharing: bool = option(
         False, "one row per pair, [prompt | chosen | rejected], so the prompt is computed "
         "once (rejected tokens do not attend to chosen ones); the same rewards")
+    disable_dropout: bool = option(
+        True, "switch off every dropout (the model's and LoRA's), so that the chosen and "
+        "rejected scores differ by the inputs only, as TRL's RewardTrainer does by default")
 
     def validate(self) -> None:
         super().validate()
@@ -190,11 +199,15 @@ class RewardScorer:
 
     def __init__(self, model: RewardModel | str | Path, tokenizer=None, batch_size: int = 8,
                  max_length: int | None = 1024, max_prompt_length: int | None = 512,
-                 device: str | torch.device | None = None, trust_remote_code: bool = False):
+                 device: str | torch.device | None = None, trust_remote_code: bool = False,
+                 chat_template: str | None = None, text_as_chat: bool = False):
         from prefalign.models import load_tokenizer
 
         if not isinstance(model, RewardModel):
-            tokenizer = tokenizer or load_tokenizer(str(model), trust_remote_code)
+            # Refused before anything loads: a causal LM here would score with a random head.
+            local = check_reward_model(model)
+            tokenizer = tokenizer or load_tokenizer(str(local), trust_remote_code,
+                                                    chat_template, text_as_chat)
             model = load_reward_model(model, tokenizer, trust_remote_code)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if tokenizer is None:
@@ -244,7 +257,8 @@ def _single_example(data: dict, origin: str) -> dict:
 
 def score_file(reward_model_dir: str | Path, data: Any, output: str | Path | None = None,
                batch_size: int = 8, max_length: int | None = 1024,
-               max_prompt_length: int | None = 512, trust_remote_code: bool = False) -> Path:
+               max_prompt_length: int | None = 512, trust_remote_code: bool = False,
+               chat_template: str | None = None, text_as_chat: bool = False) -> Path:
     """Score every row of `data` and write the rows with their scores as JSONL -> the path.
 
     Preference rows (chosen/rejected, any format data.formats reads) get `score_chosen` and
@@ -253,9 +267,14 @@ def score_file(reward_model_dir: str | Path, data: Any, output: str | Path | Non
     (same max_length / max_prompt_length), so a pair's score_chosen is its training-time
     r_c. A pair that training would drop (e.g. chosen == rejected) is written with null
     scores and counted. output defaults to DATA.scored.jsonl beside the data file.
+    chat_template, text_as_chat: as in training (data.chat).
     """
+    from prefalign.data.chat import tokens_line
+
     scorer = RewardScorer(reward_model_dir, batch_size=batch_size, max_length=max_length,
-                          max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code)
+                          max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code,
+                          chat_template=chat_template, text_as_chat=text_as_chat)
+    print(tokens_line(scorer.tokenizer))
     rows = load_rows(data)
     out_rows = [dict(r.data) if isinstance(r.data, dict) else r.data for r in rows]
     pairs, singles, dropped = [], [], Counter()
@@ -304,7 +323,7 @@ def load_reward_policy(run: Run) -> Run:
     config = run.config
 
     def load_model(tokenizer) -> RewardModel:
-        model = load_reward_model(config.model, tokenizer, config.trust_remote_code)
+        model = init_reward_model(config.model, tokenizer, config.trust_remote_code)
         check_vocabulary(tokenizer, model.backbone, config.model)
         prepare_for_training(model.backbone, config)
         model.score.requires_grad_(True)  # LoRA freezes the backbone; the head always trains

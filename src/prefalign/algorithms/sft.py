@@ -24,7 +24,7 @@ from typing import Any
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from prefalign.algorithms.runner import Run, finish_run, load_policy, open_run
+from prefalign.algorithms.runner import Run, data_options, finish_run, load_policy, open_run
 from prefalign.config import option
 from prefalign.data.instructions import (
     collate_instructions,
@@ -143,7 +143,8 @@ def load_examples(source: str, run: Run, key: str) -> list[dict[str, Any]]:
     """Instruction features for training or evaluation, with a one-line data report."""
     c = run.config
     features, report = load_instructions(source, run.tokenizer, max_length=c.max_length,
-                                         max_prompt_length=c.max_prompt_length, strict=c.strict)
+                                         max_prompt_length=c.max_prompt_length, strict=c.strict,
+                                         **data_options(run, key))
     run.print(f"{key}: {report.describe()}")
     return features
 
@@ -152,7 +153,8 @@ def run_sft(config: SFTConfig, accelerator: Accelerator | None = None) -> TrainR
     """`prefalign sft`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml).
 
     OUTPUT/final is a PEFT adapter (LoRA) or an HF model directory (full fine-tuning); either
-    is a valid `--model` for the next stage (dpo, kto, ppo).
+    is a valid `--model` for the next stage (dpo, kto, ppo). Dropout stays on, as in TRL's
+    SFTTrainer (which has no switch for it); the later stages switch it off by default.
     """
     run = open_run(config, accelerator)
     train = load_examples(config.data, run, "data")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from prefalign.data.check import CheckSummary, check_file
 from prefalign.data.collate import collate_preferences, collate_prompts
 from prefalign.data.formats import NormalizeReport, normalize_rows
 from prefalign.data.instructions import InstructionReport, collate_instructions, load_instructions
+from prefalign.data.schemas import read_rows, source_name
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import TruncationReport, tokenize_preferences
 
@@ -58,14 +60,21 @@ def load_preferences(
     max_length: int | None = 1024,
     max_prompt_length: int | None = 512,
     strict: bool = False,
-    split: str = "train",
+    split: str | None = None,
+    columns: Any = None,
+    max_drop_fraction: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], DataReport]:
     """Load, normalise and tokenize `source` -> (features, DataReport).
 
-    Raises DataError when no row is left after dropping, since there is nothing to train on.
+    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
+    Raises DataError when no row is left after dropping, since there is nothing to train on,
+    or when more than max_drop_fraction of the rows were dropped (None: no limit).
     """
-    name = "<list>" if isinstance(source, (list, tuple)) else str(source)
-    examples, norm = normalize_rows(load_rows(source, split=split), strict=strict)
+    name = source_name(source)
+    rows, _, _ = read_rows(source, "preference", columns, split, log)
+    examples, norm = normalize_rows(rows, strict=strict)
     norm.require_kept(name)
+    norm.require_not_mass_dropped(name, max_drop_fraction)
     features, trunc = tokenize_preferences(examples, tokenizer, max_length, max_prompt_length)
     return features, DataReport(source=name, normalize=norm, truncation=trunc)

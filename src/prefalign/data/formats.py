@@ -62,6 +62,7 @@ class NormalizeReport:
     formats: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     dropped_origins: dict[str, list[str]] = field(default_factory=dict)
+    first_dropped: str | None = None  # the origin of the first row dropped, for error lines
 
     @property
     def kept(self) -> int:
@@ -77,7 +78,26 @@ class NormalizeReport:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
             raise DataError(f"{name}: all {self.rows} rows were dropped ({reasons})")
 
+    def too_many_dropped(self, max_fraction: float | None) -> bool:
+        """True when more than max_fraction of the rows were dropped (None: no limit)."""
+        return max_fraction is not None and self.n_dropped > max_fraction * self.rows
+
+    def drop_error(self, name: str, max_fraction: float) -> str:
+        """The one line that stops a run whose rows were mostly dropped: counts, where, fix."""
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
+        return (f"{name}: {self.n_dropped} of {self.rows} rows dropped ({reasons}), more than "
+                f"max_drop_fraction {max_fraction:g}; first: {self.first_dropped}; if the data "
+                "has other column names, map them (--columns prompt=question,system=system), "
+                "or raise --max-drop-fraction")
+
+    def require_not_mass_dropped(self, name: str, max_fraction: float | None) -> None:
+        """Raise DataError when more than max_fraction of the rows were dropped."""
+        if self.too_many_dropped(max_fraction):
+            raise DataError(self.drop_error(name, max_fraction))
+
     def record_drop(self, reason: str, origin: str) -> None:
+        if self.first_dropped is None:
+            self.first_dropped = origin
         self.dropped[reason] += 1
         origins = self.dropped_origins.setdefault(reason, [])
         if len(origins) < ORIGINS_PER_REASON:

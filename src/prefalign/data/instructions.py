@@ -33,11 +33,13 @@ max_length - len(prompt) tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from prefalign.data.chat import require_chat_template
 from prefalign.data.collate import batch_columns, pad_sequences
 from prefalign.data.formats import (
     DROP_EMPTY,
@@ -49,7 +51,8 @@ from prefalign.data.formats import (
     row_keys,
     type_name,
 )
-from prefalign.data.sources import Row, load_rows
+from prefalign.data.schemas import read_rows, source_name
+from prefalign.data.sources import Row
 from prefalign.data.tokenize import (
     CompletionTruncation,
     apply_template,
@@ -173,9 +176,7 @@ def normalize_instructions(rows: list[Row], strict: bool = False
 def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, list[tuple[str, str]]]:
     """The whole rendering and, per assistant turn, (text before it, text through it)."""
     messages, origin = example["messages"], example["origin"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{origin}: the row is conversational but the tokenizer has no chat "
-                        "template")
+    require_chat_template(tokenizer, origin)
     full = apply_template(tokenizer, messages, origin)
     spans = []
     for i, message in enumerate(messages):
@@ -267,15 +268,22 @@ def load_instructions(
     max_length: int | None = 1024,
     max_prompt_length: int | None = 512,
     strict: bool = False,
-    split: str = "train",
+    split: str | None = None,
+    columns: Any = None,
+    max_drop_fraction: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], InstructionReport]:
     """Load, normalise and tokenize `source` -> (features, report).
 
-    Raises DataError when no row is left, since there is nothing to train on.
+    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
+    Raises DataError when more than max_drop_fraction of the rows were dropped (None: no
+    limit), or when no row is left, since there is nothing to train on.
     """
-    name = "<list>" if isinstance(source, (list, tuple)) else str(source)
-    examples, norm = normalize_instructions(load_rows(source, split=split), strict=strict)
+    name = source_name(source)
+    rows, _, _ = read_rows(source, "sft", columns, split, log)
+    examples, norm = normalize_instructions(rows, strict=strict)
     norm.require_kept(name)
+    norm.require_not_mass_dropped(name, max_drop_fraction)
     features, (cut_prompts, cut_completions) = tokenize_instructions(
         examples, tokenizer, max_length, max_prompt_length)
     report = InstructionReport(

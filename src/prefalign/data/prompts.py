@@ -2,15 +2,17 @@
 
 A row gives its prompt as `prompt` (text or chat messages), as `messages` (the prompt is
 everything before the last assistant turn, or the whole list if it ends with a user turn),
-or implicitly as any preference row data.formats understands (its prompt is used).
+or implicitly as any preference row data.formats understands (its prompt is used); other
+column names and hub schemas are read through data.schemas (a `system` column included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefalign.data.formats import normalize_row
-from prefalign.data.sources import load_rows
+from prefalign.data.schemas import read_rows
 from prefalign.errors import DataError
 
 
@@ -42,12 +44,20 @@ def prompt_of(row: dict[str, Any], origin: str) -> str | list[dict]:
                     f"(found {', '.join(sorted(row)) or 'no fields'})")
 
 
-def load_prompts(source: Any, split: str = "train") -> list[dict[str, Any]]:
-    """[{"prompt": ..., "id": ..., "origin": ...}] with the row's id kept when present."""
+def load_prompts(source: Any, split: str | None = None, columns: Any = None,
+                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """[{"prompt": ..., "id": ..., "origin": ...}] with the row's id kept when present.
+
+    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
+    """
     out = []
-    for row, origin in load_rows(source, split=split):
+    rows, _, _ = read_rows(source, "prompts", columns, split, log)
+    for row, origin in rows:
         item = {"prompt": prompt_of(row, origin), "origin": origin}
         if "id" in row:
             item["id"] = row["id"]
+        extra = {k: v for k, v in row.items() if k != "prompt"}
+        if extra:  # what a TRL-style reward function gets as keywords (scorers.row_columns)
+            item["extra_columns"] = extra
         out.append(item)
     return out

@@ -9,8 +9,14 @@ Supported sources:
   .json              a list of objects, or JSON lines
   .parquet           any Parquet file
   .csv               header line plus one row per record; `margin`/`weight` cells become floats
-  folder             written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (pick `split`)
-  "owner/name"       a dataset already in the local Hugging Face datasets cache (never downloaded)
+  folder             written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`; of a
+                     DatasetDict, `split` is read: by default "train", and a DatasetDict
+                     without one is refused naming its splits
+  "owner/name"       a dataset already in the local Hugging Face datasets cache (never
+                     downloaded); `split` defaults to "train"
+
+A `split` given for a source without splits (a file, a single Dataset) is refused rather
+than ignored: it means the user expects rows that this source does not have.
   list of dicts      in memory; a `datasets.Dataset` / `DatasetDict` object is accepted too
 """
 
@@ -43,13 +49,14 @@ class Row(NamedTuple):
     origin: str
 
 
-def load_rows(source: Any, split: str = "train") -> list[Row]:
+def load_rows(source: Any, split: str | None = None) -> list[Row]:
     """Read every row of `source` (see the module docstring) as a list of Row(data, origin).
 
     Raises DataError for a missing or unreadable source, a malformed line (naming file and
     line), bytes that are not UTF-8, or a source without any row.
     """
     if isinstance(source, (list, tuple)):
+        _no_splits("<list>", "a list of rows", split)
         rows = _rows_from_list(source)
         name = "<list>"
     elif _is_hf_dataset(source):
@@ -86,6 +93,7 @@ def _rows_from_path(name: str, split: str) -> list[Row]:
                 f"{name}: unsupported file type {suffix or '(none)'!r}: use "
                 f"{', '.join(FILE_SUFFIXES)} or a folder written by save_to_disk"
             )
+        _no_splits(name, f"a {suffix[1:]} file", split)
         return readers[suffix](path, name)
     if path.suffix.lower() in FILE_SUFFIXES or not _HUB_ID.match(name):
         raise DataError(f"{name}: file not found")
@@ -240,11 +248,25 @@ def _is_hf_dataset(source: Any) -> bool:
     ).__module__.startswith("datasets")
 
 
-def _rows_from_dataset_object(dataset: Any, split: str, name: str = "<dataset>") -> list[Row]:
+def _no_splits(name: str, what: str, split: str | None) -> None:
+    if split is not None:
+        raise DataError(f"{name}: --split {split} given, but {what} has no splits; remove "
+                        "--split (it selects a split of a DatasetDict folder or a cached dataset)")
+
+
+def _rows_from_dataset_object(dataset: Any, split: str | None,
+                              name: str = "<dataset>") -> list[Row]:
     if type(dataset).__name__ == "DatasetDict":
+        if split is None and "train" not in dataset:
+            raise DataError(f"{name}: a DatasetDict without a 'train' split; choose one of "
+                            f"{', '.join(sorted(dataset))} with --split")
+        split = split or "train"
         if split not in dataset:
-            raise DataError(f"{name}: no split {split!r}; the splits are {sorted(dataset)}")
+            raise DataError(f"{name}: no split {split!r}; the splits are {sorted(dataset)}; "
+                            "choose one with --split")
         dataset, name = dataset[split], f"{name}[{split}]"
+    else:
+        _no_splits(name, "a single Dataset (not a DatasetDict)", split)
     return [Row(r, f"{name} row {i}") for i, r in enumerate(dataset.to_list())]
 
 
@@ -270,9 +292,10 @@ def _offline(datasets_module: Any) -> Iterator[None]:
         config.HF_HUB_OFFLINE, config.HF_DATASETS_OFFLINE = saved
 
 
-def _rows_from_hub_cache(name: str, split: str) -> list[Row]:
+def _rows_from_hub_cache(name: str, split: str | None) -> list[Row]:
     import datasets
 
+    split = split or "train"
     try:
         with _offline(datasets):
             dataset = datasets.load_dataset(name, split=split)

@@ -12,6 +12,8 @@ Rendering (token ids equal TRL 1.16's `DPOTrainer._prepare_dataset` for the same
                        error). The template's own end-of-turn is the EOS: nothing is appended.
                        Rendered text is tokenized without special tokens (the template writes
                        its own BOS), like `apply_chat_template(tokenize=True)`.
+  text rows as chat    with --text-as-chat (data.chat), text rows are first turned into
+                       messages and then rendered as conversational rows.
   Both                 prompt and prompt+completion are tokenized as whole strings and split
                        where the ids first differ, so a token that merges across the boundary
                        counts as completion (TRL's `common_prefix_length` rule).
@@ -27,6 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prefalign.data.chat import (
+    TEMPLATE_PATH,
+    example_as_chat,
+    require_chat_template,
+    text_as_chat,
+)
 from prefalign.data.formats import KEPT_COLUMNS
 from prefalign.errors import ConfigError, DataError
 
@@ -186,7 +194,10 @@ def render_ids(
     """
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     texts, prefixes = [], []
+    as_chat = text_as_chat(tokenizer)
     for example in examples:
+        if as_chat:
+            example = example_as_chat(example, tokenizer)
         if isinstance(example["prompt"], list):
             texts.append(_render_conversation(example, tokenizer))
             prefixes.append([])
@@ -289,10 +300,7 @@ def _render_text(example: dict, tokenizer: Any) -> tuple[str, str, str]:
 
 def _render_conversation(example: dict, tokenizer: Any) -> tuple[str, str, str]:
     origin = example["origin"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{origin}: the row is conversational but the tokenizer has no chat template"
-        )
+    require_chat_template(tokenizer, origin)
     prompt = apply_template(tokenizer, example["prompt"], origin, add_generation_prompt=True)
     full = []
     for key in ("chosen", "rejected"):
@@ -312,4 +320,6 @@ def apply_template(tokenizer: Any, messages: list[dict], origin: str, **kwargs: 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate")
-        raise DataError(f"{origin}: the chat template failed on this row: {e}") from None
+        path = getattr(tokenizer, TEMPLATE_PATH, None)
+        which = f"the chat template ({path})" if path else "the chat template"
+        raise DataError(f"{origin}: {which} failed on this row: {e}") from None

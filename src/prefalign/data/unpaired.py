@@ -24,6 +24,7 @@ i - 1 (row 0 with the last row's), so the mismatched completions are the batch's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,8 @@ from prefalign.data.formats import (
     row_keys,
     type_name,
 )
-from prefalign.data.sources import Row, load_rows
+from prefalign.data.schemas import read_rows, source_name
+from prefalign.data.sources import Row
 from prefalign.data.tokenize import CompletionTruncation, check_limits, render_ids
 from prefalign.errors import DataError
 
@@ -246,15 +248,22 @@ def load_unpaired(
     max_length: int | None = 1024,
     max_prompt_length: int | None = 512,
     strict: bool = False,
-    split: str = "train",
+    split: str | None = None,
+    columns: Any = None,
+    max_drop_fraction: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], UnpairedReport]:
     """Load, unpair if needed, normalise and tokenize `source` -> (features, report).
 
-    Raises DataError when no example is left, since there is nothing to train on.
+    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
+    Raises DataError when more than max_drop_fraction of the rows were dropped (None: no
+    limit), or when no example is left, since there is nothing to train on.
     """
-    name = "<list>" if isinstance(source, (list, tuple)) else str(source)
-    examples, norm, kind = normalize_unpaired(load_rows(source, split=split), strict=strict)
+    name = source_name(source)
+    rows, _, _ = read_rows(source, "unpaired", columns, split, log)
+    examples, norm, kind = normalize_unpaired(rows, strict=strict)
     norm.require_kept(name)
+    norm.require_not_mass_dropped(name, max_drop_fraction)
     features, (cut_prompts, cut_completions) = tokenize_unpaired(
         examples, tokenizer, max_length, max_prompt_length)
     desirable = sum(f["label"] for f in features)

@@ -94,6 +94,7 @@ class Stages:
         print(f"[{self.count}] {title} ...", flush=True)
         started = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)  # rerun: unfinished until the marker is written again
         result = fn(folder)
         self.seconds[name] = time.perf_counter() - started
         marker.write_text(json.dumps({"settings": self.settings.fingerprint(), "result": result,
@@ -111,10 +112,11 @@ def _common(s: DemoSettings) -> dict[str, Any]:
     """Trainer options every stage shares: tiny sequences, no warmup, quiet logs.
 
     max_length leaves room for a whole response: a pair cut before its EOS would teach
-    the policy to stop early."""
+    the policy to stop early. A stage that runs again (other settings, --force, or cut
+    short) starts over in its own folder, so its trainer overwrites the earlier run there."""
     return dict(max_length=PROMPT_TOKENS + s.max_new_tokens, max_prompt_length=PROMPT_TOKENS,
                 warmup_ratio=0.0, logging_steps=5,
-                seed=s.seed, lr_scheduler="constant")
+                seed=s.seed, lr_scheduler="constant", overwrite=True)
 
 
 def build_base(folder: Path, s: DemoSettings) -> dict[str, Any]:

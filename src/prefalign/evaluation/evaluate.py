@@ -40,6 +40,7 @@ import torch
 from prefalign.errors import ConfigError, DataError
 from prefalign.evaluation import metrics as M
 from prefalign.generation import Generation, SamplingConfig, collate_generations, generate
+from prefalign.train.output_dir import check_no_overlap
 
 # name -> (table label, description); the order is the comparison table's.
 METRICS: dict[str, tuple[str, str]] = {
@@ -129,12 +130,18 @@ def _same_vocab(a: Any, b: Any) -> bool:
 
 def _sample_models(models: Mapping[str, str], prompts: list, ref_path: str,
                    sampling: SamplingConfig, device: str, progress: bool,
-                   trust_remote_code: bool) -> dict[str, list[dict[str, Any]]]:
-    """Generate from every model and attach log-probs under it and under the reference."""
+                   trust_remote_code: bool, chat: tuple = (None, False)
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Generate from every model and attach log-probs under it and under the reference.
+
+    chat: (chat template file, text as chat) for every model's tokenizer (data.chat).
+    """
+    from prefalign.data.chat import tokens_line
     from prefalign.models import load_causal_lm, load_tokenizer
 
     ref_model = load_causal_lm(ref_path, trust_remote_code).to(device)
-    ref_tok = load_tokenizer(ref_path, trust_remote_code)
+    ref_tok = load_tokenizer(ref_path, trust_remote_code, *chat)
+    _say(progress, tokens_line(ref_tok))
     ref_key = Path(ref_path).resolve()
     samples: dict[str, list[dict[str, Any]]] = {}
     for k, (name, path) in enumerate(models.items(), start=1):
@@ -142,7 +149,7 @@ def _sample_models(models: Mapping[str, str], prompts: list, ref_path: str,
              f"{sampling.n} from {path}")
         same = Path(path).resolve() == ref_key
         model = ref_model if same else load_causal_lm(path, trust_remote_code).to(device)
-        tokenizer = ref_tok if same else load_tokenizer(path, trust_remote_code)
+        tokenizer = ref_tok if same else load_tokenizer(path, trust_remote_code, *chat)
         gens = generate(model, tokenizer, prompts, sampling, progress=progress)
         pad = tokenizer.pad_token_id
         rows = 2 * sampling.batch_size
@@ -266,6 +273,8 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    text_as_chat: bool = False,
 ) -> EvalResult:
     """Sample, score and compare `models` (name -> model or adapter directory); write
     report.json, report.md, report.html, the plots and samples.jsonl to output_dir.
@@ -277,10 +286,25 @@ def evaluate(
     metrics.jsonl) whose curves the report plots. frontier: extra reward-vs-KL curves,
     label -> [(kl, reward) or (kl, reward, point label)], on the scale of the frontier's
     y axis (the reward model's mean, else the scorer's). findings: lines shown first.
+    chat_template, text_as_chat: how every compared model's tokenizer renders the prompts
+    (data.chat); the reward model keeps its own tokenizer.
     """
     from prefalign.evaluation.report import example_table, load_run_curves, normalize_frontier
 
     models = {str(k): str(v) for k, v in models.items()}
+    # The report's files (samples.jsonl, report.*) must not land in a model, run or input.
+    check_no_overlap(output_dir, {
+        **{f"--models {k}": v for k, v in models.items()},
+        **{f"--runs {k}": v for k, v in (runs or {}).items()},
+        "--prompts": prompts, "--reward-model": reward_model,
+        "--reference": None if reference in models else reference,  # a name, or a directory
+        "--scorer": scorer if isinstance(scorer, str) else None})
+    if reward_model is not None:
+        from prefalign.reward_model import check_reward_model
+
+        if not Path(reward_model).is_dir():
+            raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
+        check_reward_model(reward_model)  # a causal LM here would score with a random head
     ref_path, ref_name, baseline = _resolve_names(models, reference, baseline)
     prompts = prompt_list(prompts)
     sampling = sampling or SamplingConfig()
@@ -288,16 +312,15 @@ def evaluate(
     # Everything that can fail on a typo fails here, before minutes of sampling.
     curves = {name: load_run_curves(path) for name, path in (runs or {}).items()}
     sweeps = normalize_frontier(frontier)
-    if reward_model is not None and not Path(reward_model).is_dir():
-        raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
     score = None
     if scorer is not None:
         from prefalign.algorithms.ppo import resolve_scorer
         from prefalign.models import load_tokenizer
 
-        score = resolve_scorer(scorer, load_tokenizer(next(iter(models.values()))))
+        score = resolve_scorer(scorer, load_tokenizer(next(iter(models.values())),
+                                                      chat_template=chat_template))
     samples = _sample_models(models, prompts, ref_path, sampling, device, progress,
-                             trust_remote_code)
+                             trust_remote_code, (chat_template, text_as_chat))
     if reward_model is not None:
         from prefalign.algorithms.reward import RewardScorer
 
@@ -357,6 +380,8 @@ def parse_named(values: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 
 def add_arguments(parser: Any) -> None:
+    from prefalign.data.chat import add_chat_arguments
+
     add = parser.add_argument
     add("--models", nargs="+", required=True, metavar="NAME=DIR",
         help="models to compare, in table order: model or adapter directories")
@@ -384,6 +409,8 @@ def add_arguments(parser: Any) -> None:
     add("--device", help="cuda or cpu (default: cuda when available)")
     add("--trust-remote-code", action="store_true",
         help="allow model code from the model directories to run")
+    add_chat_arguments(parser, whose="every compared model's tokenizer",
+                       note="; the reward model keeps its own")
 
 
 def run_evaluate(args: Any) -> Path:
@@ -403,6 +430,7 @@ def run_evaluate(args: Any) -> Path:
         reward_model=args.reward_model, scorer=args.scorer, reference=args.reference,
         baseline=args.baseline, sampling=sampling, runs=parse_named(args.runs, "--runs"),
         frontier=frontier, findings=args.finding, num_examples=args.num_examples,
-        device=args.device, trust_remote_code=args.trust_remote_code)
+        device=args.device, trust_remote_code=args.trust_remote_code,
+        chat_template=args.chat_template, text_as_chat=args.text_as_chat)
     print(result.html)
     return result.html

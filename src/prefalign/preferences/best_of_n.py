@@ -273,6 +273,7 @@ def generate_preferences(
     batch_size: int = 8, pairing: str = "extremes", min_gap: float = 0.0,
     keep_candidates: bool = False, source: str | None = None, tokenizer: Any = None,
     progress: bool = True, candidate_fields: Callable[[list[Any]], list[dict]] | None = None,
+    chat_template: str | None = None, text_as_chat: bool = False,
 ) -> BestOfNReport:
     """Write best-of-N preference pairs for every prompt of `data` (see the module docstring).
 
@@ -280,10 +281,13 @@ def generate_preferences(
     scorer: a scorer spec, a Scorer or a function (preferences.scorer_spec.load_scorer).
     candidate_fields(generations of one batch, prompt-major): one dict per prompt, added
     to its candidates row (iterate uses it to record log-probs of the samples).
+    chat_template, text_as_chat: how the tokenizer of a model directory renders the prompts
+    (data.chat); a loaded model's tokenizer is used as it is.
     """
     from prefalign.data.prompts import load_prompts
     from prefalign.generation import SamplingConfig
     from prefalign.preferences.scorer_spec import load_scorer
+    from prefalign.preferences.scorers import row_columns
 
     if num_candidates < 2:
         raise ConfigError(f"num_candidates must be >= 2 to make pairs, got {num_candidates}")
@@ -316,7 +320,12 @@ def generate_preferences(
         if isinstance(model, (str, os.PathLike)):
             from prefalign.models import load_causal_lm, load_tokenizer
 
-            tokenizer = tokenizer or load_tokenizer(str(model))
+            tokenizer = tokenizer or load_tokenizer(str(model), chat_template=chat_template,
+                                                    text_as_chat=text_as_chat)
+            if progress:
+                from prefalign.data.chat import tokens_line
+
+                print(tokens_line(tokenizer), flush=True)
             model = load_causal_lm(str(model))
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         elif tokenizer is None:
@@ -330,8 +339,9 @@ def generate_preferences(
                 groups = sample_candidates(model, tokenizer, [p["prompt"] for p in items],
                                            chunk, sampling)
                 texts = [[g.text for g in group] for group in groups]
-                flat = score([scorer_prompt(tokenizer, p["prompt"]) for p in items
-                              for _ in range(num_candidates)], [t for ts in texts for t in ts])
+                repeated = [p for p in items for _ in range(num_candidates)]
+                flat = score([scorer_prompt(tokenizer, p["prompt"]) for p in repeated],
+                             [t for ts in texts for t in ts], row_columns(repeated))
                 extra = candidate_fields([g for gs in groups for g in gs]) if candidate_fields \
                     else [{}] * len(chunk)
                 commits = []
@@ -370,6 +380,7 @@ DESCRIPTION = ("Sample N candidates per prompt, score them with a scorer or rewa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prefalign.data.chat import add_chat_arguments
     from prefalign.preferences.scorer_spec import SCORER_HELP
 
     add = parser.add_argument
@@ -391,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--keep-candidates", action="store_true",
         help="also write every candidate and score to OUTPUT.candidates.jsonl (the input of "
         "prefalign annotate and prefalign judge)")
+    add_chat_arguments(parser, whose="--model's tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -398,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.output, args.scorer, num_candidates=args.num_candidates,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, batch_size=args.batch_size, pairing=args.pairing,
-        min_gap=args.min_gap, keep_candidates=args.keep_candidates, source=args.source)
+        min_gap=args.min_gap, keep_candidates=args.keep_candidates, source=args.source,
+        chat_template=args.chat_template, text_as_chat=args.text_as_chat)
     print(report.format())
     return 0

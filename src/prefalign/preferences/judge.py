@@ -114,7 +114,8 @@ class LocalJudge:
     """A causal LM: greedy on the first attempt, sampled at retry_temperature on retries."""
 
     def __init__(self, path: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 retry_temperature: float = 0.7, seed: int = 0, batch_size: int = 8):
+                 retry_temperature: float = 0.7, seed: int = 0, batch_size: int = 8,
+                 chat_template: str | None = None):
         import torch
 
         from prefalign.models import load_causal_lm, load_tokenizer
@@ -123,7 +124,7 @@ class LocalJudge:
                                           "max_new_tokens": max_new_tokens,
                                           "temperature": temperature,
                                           "retry_temperature": retry_temperature, "seed": seed}
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path, chat_template=chat_template)
         self.model = load_causal_lm(path).to("cuda" if torch.cuda.is_available() else "cpu")
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.retry_temperature, self.seed, self.batch_size = retry_temperature, seed, batch_size
@@ -375,6 +376,8 @@ DESCRIPTION = ("Rank each prompt's candidates with a judge model (a local causal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prefalign.data.chat import add_chat_arguments
+
     add = parser.add_argument
     add("--input", required=True, help="rows with prompt and candidates (generate "
         "--keep-candidates output, annotate input)")
@@ -400,9 +403,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--network-retries", type=int, default=5, help="retries after a network error, 429 or "
         "5xx, with exponential backoff (default: 5)")
     add("--seed", type=int, default=0, help="seed of sampled retries of a local judge (default: 0)")
+    add_chat_arguments(parser, whose="the local --judge-model's tokenizer", text_rows=False,
+                       note="; with a template the ranking prompt is sent as a user turn")
 
 
 def load_judge(args: argparse.Namespace) -> LocalJudge | HttpJudge:
+    chat_template = getattr(args, "chat_template", None)
+    if args.judge_url and chat_template:
+        raise ConfigError("--chat-template applies to a local --judge-model; a served model "
+                          "(--judge-url) renders with the endpoint's own template")
     if args.judge_url:
         return HttpJudge(args.judge_url, args.judge_model, args.api_key_env, args.timeout,
                          args.network_retries, max_new_tokens=args.max_new_tokens,
@@ -412,7 +421,7 @@ def load_judge(args: argparse.Namespace) -> LocalJudge | HttpJudge:
         raise ConfigError(f"--judge-model {args.judge_model}: no such model directory; for a "
                           "served model also give --judge-url")
     return LocalJudge(args.judge_model, args.max_new_tokens, args.temperature,
-                      args.retry_temperature, args.seed, args.batch_size)
+                      args.retry_temperature, args.seed, args.batch_size, chat_template)
 
 
 def run(args: argparse.Namespace) -> int:

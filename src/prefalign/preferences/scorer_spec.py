@@ -6,6 +6,7 @@
     TERM    := SCORER [":" WEIGHT]
     SCORER  := NAME ["(" key=value, ... ")"]            a built-in (preferences.scorers)
              | module.path:attr ["(" key=value, ... ")"] a function or Scorer subclass
+             | path/to/file.py:attr ["(" ... ")"]       the same, from a file
              | DIRECTORY ["(" key=value, ... ")"]       a reward model (holds config.json)
 
     length(max=200)
@@ -26,23 +27,39 @@ a reward model, whatever characters its path holds.
 The built-ins are listed in preferences.scorers.
 
 Import paths name a function, a Scorer instance or a Scorer subclass (built with the
-parameters). A function scores one pair, fn(prompt, response, **params) -> number, unless
-it has the attribute `batched = True` (the @batched decorator sets it): then it scores a
-batch, fn(prompts, responses, **params) -> numbers. The attribute decides, never a trial
-call: a per-item function handed lists can return a plausible number. Unquoted parameter
-values of import paths and reward models become int, float, bool (true/false) or None
-(none) when they read as one; quoted values stay strings. True and False score 1.0 and 0.0.
+parameters). `module.path:attr` is imported with the working directory searched first
+(as `python -m` does), then the Python path; `path/to/file.py:attr` (relative to the
+working directory, or absolute) imports that file, with its own directory searched first
+for its imports. Either way the module's code runs, like a script: name only code you trust.
+
+A function scores one pair, fn(prompt, response, **params) -> number, unless it has the
+attribute `batched = True` (the @batched decorator sets it): then it scores a batch,
+fn(prompts, responses, **params) -> numbers. The attribute decides, never a trial call: a
+per-item function handed lists can return a plausible number. A function with a parameter
+named `completions` is in TRL's form (GRPOTrainer's reward functions),
+fn(prompts, completions, **kwargs) -> list of numbers, called by keyword once per batch with
+the prompt rows' other columns as keyword arguments (one list per column; none when the
+caller has no rows, as in evaluate); a None in the list (TRL's "no reward") is an error.
+Unquoted parameter values of import paths and reward models become int, float, bool
+(true/false) or None (none) when they read as one; quoted values stay strings. True and
+False score 1.0 and 0.0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
+import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from prefalign.errors import ConfigError
@@ -53,11 +70,13 @@ from prefalign.preferences.scorers import (
     Scorer,
     WeightedSum,
     describe_value,
+    is_trl_reward_function,
 )
 
 SCORER_HELP = (
-    "what scores a response: a built-in NAME(key=value,...), module.path:function, or a "
-    "reward-model directory; join terms with ',' and weight them with ':W' for a weighted "
+    "what scores a response: a built-in NAME(key=value,...), module.path:function or "
+    "path/to/file.py:function (code that runs; TRL's f(prompts, completions, **kwargs) works "
+    "too), or a reward-model directory; join terms with ',' and weight them with ':W' for a weighted "
     "sum, e.g. \"length(min=10,max=200):0.2,json_valid:1\". Built-ins: "
     + "; ".join(usage for _, _, usage in BUILTINS.values()) + "."
 )
@@ -178,7 +197,7 @@ def _build(term: Term, options: dict[str, Any]) -> Scorer:
         scorer = _builtin(target, params)
     elif _is_dir(target):
         path = Path(target).expanduser()
-        if not (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise ConfigError(f"scorer {target!r} is a directory but not a model (no "
                               "config.json); give a reward model saved by prefalign")
         scorer = RewardModelScorer(str(path), **{k: _literal(v) for k, v in params.items()})
@@ -245,22 +264,20 @@ def _literal(value: Any) -> Any:
 
 
 def _from_import(target: str, params: dict[str, Any], text: str) -> Scorer:
-    module_name, _, attr = target.partition(":")
+    module_name, _, attr = target.rpartition(":")  # rpartition: a path may hold a drive's ':'
     if not module_name or not attr:
-        raise ConfigError(f"scorer {target!r}: write an import path as module.path:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"scorer {target!r}: cannot import module {module_name!r}: {e}") from e
-    except Exception as e:  # the module's own code failed: name it, keep the cause for --debug
-        raise ConfigError(f"scorer {target!r}: importing module {module_name!r} failed: "
-                          f"{type(e).__name__}: {e}") from e
+        raise ConfigError(f"scorer {target!r}: write an import path as module.path:function "
+                          "or path/to/file.py:function")
+    if _is_file_path(module_name):
+        module, where = _import_file(module_name, target), "file"
+    else:
+        module, where = _import_module(module_name, attr, target), "module"
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(module) if not n.startswith("_")
                      and callable(getattr(module, n))][:20]
-            raise ConfigError(f"scorer {target!r}: module {module_name!r} has no attribute "
+            raise ConfigError(f"scorer {target!r}: {where} {module_name!r} has no attribute "
                               f"{attr!r} (its callables: {', '.join(names) or 'none'})")
         obj = getattr(obj, part)
     if isinstance(obj, Scorer):
@@ -270,22 +287,118 @@ def _from_import(target: str, params: dict[str, Any], text: str) -> Scorer:
     if not callable(obj):
         raise ConfigError(f"scorer {target!r} is a {type(obj).__name__}, not a function")
     is_class = isinstance(obj, type) and issubclass(obj, Scorer)
-    _check_call(obj, () if is_class else ([], []) if getattr(obj, "batched", False)
-                else ("", ""), params, target)
     if is_class:
+        _check_call(obj, (), {}, params, target)
         scorer = obj(**params)
         scorer.name = text
         return scorer
+    if is_trl_reward_function(obj):
+        _check_call(obj, (), {"prompts": [], "completions": []}, params, target, trl=True)
+    else:
+        _check_call(obj, ([], []) if getattr(obj, "batched", False) else ("", ""), {}, params,
+                    target)
     return FunctionScorer(obj, params, text)
 
 
-def _check_call(fn: Callable, args: tuple, params: dict[str, Any], target: str) -> None:
-    """Fail now, not mid-generation, when the parameters do not fit the signature."""
+def _is_file_path(module_name: str) -> bool:
+    return (module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+            or module_name.startswith("~"))
+
+
+@contextmanager
+def _first_on_path(directory: str) -> Iterator[None]:
+    """`directory` searched first by imports inside, as `python -m` searches the working
+    directory; sys.path is as before afterwards."""
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        if sys.path and sys.path[0] == directory:
+            del sys.path[0]
+        elif directory in sys.path:
+            sys.path.remove(directory)
+
+
+def _import_module(module_name: str, attr: str, target: str) -> ModuleType:
+    """module.path, searched in the working directory first, then on sys.path."""
+    cwd = os.getcwd()
+    local = Path(cwd, *module_name.split(".")).with_suffix(".py")
+    if local.is_file():
+        # Keyed by its path: a same-named module imported earlier from elsewhere (another
+        # working directory of this process) must not shadow the file the user points at.
+        return _import_file(str(local), target)
+    try:
+        with _first_on_path(cwd):
+            return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            file = Path(cwd, *module_name.split(".")).with_suffix(".py")
+            raise ConfigError(
+                f"scorer {target!r}: cannot import module {module_name!r}: it is neither in the "
+                f"working directory (no {file}) nor on the Python path; run from the directory "
+                f"that holds it or give its file, e.g. path/to/{file.name}:{attr}") from None
+        raise ConfigError(f"scorer {target!r}: importing module {module_name!r} failed: "
+                          f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # the module's own code failed: name it, keep the cause for --debug
+        raise ConfigError(f"scorer {target!r}: importing module {module_name!r} failed: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def _import_file(module_name: str, target: str) -> ModuleType:
+    """A Python file by path (relative to the working directory, or absolute), imported
+    with its own directory first on the path so it may import its neighbours."""
+    path = Path(module_name).expanduser()
+    path = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"scorer {target!r}: no file {path} (a relative path is read from "
+                          f"the working directory {os.getcwd()})")
+    if path.suffix != ".py":
+        raise ConfigError(f"scorer {target!r}: {path} is not a .py file")
+    # One module per file: the name holds a digest of the path, so two files with the same
+    # name in different directories stay apart, and importing the same file twice reuses it.
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:12]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_prefalign_scorer_{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"scorer {target!r}: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it, as import does (dataclasses need it)
+    try:
+        with _first_on_path(str(path.parent)):
+            spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ConfigError(f"scorer {target!r}: importing {path} failed: "
+                          f"{type(e).__name__}: {e}") from e
+    return module
+
+
+FORMS = ("fn(prompt, response, **params) -> number; with `batched = True`, "
+         "fn(prompts, responses, **params) -> numbers; or TRL's "
+         "fn(prompts, completions, **kwargs) -> list of numbers")
+
+
+def _check_call(fn: Callable, args: tuple, kwargs: dict[str, Any], params: dict[str, Any],
+                target: str, trl: bool = False) -> None:
+    """Fail now, not mid-generation, when the parameters do not fit the signature. The TRL
+    form may also name data columns, which only the rows supply: those are checked per call."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some built-ins have no signature: nothing to check
         return
     try:
-        signature.bind(*args, **params)
+        if trl:
+            signature.bind_partial(*args, **kwargs, **params)
+        else:
+            signature.bind(*args, **kwargs, **params)
     except TypeError as e:
-        raise ConfigError(f"scorer {target!r}: the call does not fit its signature: {e}") from None
+        if isinstance(fn, type):
+            raise ConfigError(f"scorer {target!r}: the call does not fit its signature: "
+                              f"{e}") from None
+        extra = f" with parameters {', '.join(params)}" if params else ""
+        raise ConfigError(f"scorer {target!r}: its signature {signature}{extra} fits no "
+                          f"reward-function form ({e}); write {FORMS}") from None

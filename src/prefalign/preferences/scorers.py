@@ -2,8 +2,11 @@
 
 A scorer maps (prompts: list[str], responses: list[str]) to one float per pair; best-of-N
 ranks samples by it, PPO uses it as a reward and evaluation reports it. Every call is
-checked: one finite number per pair, else a PrefalignError naming the scorer.
-Specs that name them are parsed by preferences.scorer_spec.
+checked: one finite number per pair, else a PrefalignError naming the scorer (None, TRL's
+"no reward for this sample", is refused too: every response needs a number). A call may
+also pass `columns`, the prompt rows' other fields ({name: one value per response}); only
+functions written in TRL's form read them. Specs that name scorers are parsed by
+preferences.scorer_spec.
 
 Built-ins score 0.0 or 1.0 (length with falloff > 0 also scores in between):
   length(min=0,max=none,falloff=0)  the response's characters, leading and trailing
@@ -32,6 +35,7 @@ Built-ins score 0.0 or 1.0 (length with falloff > 0 also scores in between):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -43,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,22 +61,47 @@ class Scorer:
 
     name = "scorer"
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
+        """columns: the rows' other fields, {name: one value per response}, or None."""
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise PrefalignError(
                 f"scorer {self.name}: {len(prompts)} prompts but {len(responses)} responses"
             )
+        columns = {k: list(v) for k, v in (columns or {}).items()}
+        wrong = [k for k, v in columns.items() if len(v) != len(responses)]
+        if wrong:
+            raise PrefalignError(f"scorer {self.name}: column {wrong[0]!r} has "
+                                 f"{len(columns[wrong[0]])} values for {len(responses)} responses")
         if not responses:
             return []
-        return check_scores(self._score(prompts, responses), len(responses), self.name)
+        return check_scores(self._score_columns(prompts, responses, columns), len(responses),
+                            self.name)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
         """The same as calling the scorer; named like RewardScorer.score."""
-        return self(prompts, responses)
+        return self(prompts, responses, columns)
+
+    def _score_columns(self, prompts: list[str], responses: list[str],
+                       columns: dict[str, list[Any]]) -> Sequence[Any]:
+        """Scorers that read the rows' other fields override this; the rest ignore them."""
+        return self._score(prompts, responses)
 
     def _score(self, prompts: list[str], responses: list[str]) -> Sequence[Any]:
         raise NotImplementedError
+
+
+def row_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """{name: [value per row]} from prompt rows that carry their other fields under
+    "extra_columns" (data.prompts.load_prompts); a field missing from some rows is None
+    there; {} when no row has any."""
+    extras = [row.get("extra_columns") or {} for row in rows]
+    names: dict[str, None] = {}
+    for extra in extras:
+        names.update(dict.fromkeys(extra))
+    return {name: [extra.get(name) for extra in extras] for name in names}
 
 
 class ItemScorer(Scorer):
@@ -99,6 +128,10 @@ def check_scores(scores: Any, count: int, name: str) -> list[float]:
     for i, value in enumerate(scores):
         if hasattr(value, "item") and not isinstance(value, numbers.Real):
             value = value.item()  # a 0-d tensor or array per item
+        if value is None:
+            raise PrefalignError(
+                f"scorer {name} returned None at position {i} (no reward for that response); "
+                "every response needs a number: return a default such as 0.0 instead")
         if not isinstance(value, numbers.Real):
             raise PrefalignError(
                 f"scorer {name} returned {describe_value(value)} at position {i}; scores are numbers"
@@ -311,15 +344,62 @@ def batched(fn: Callable) -> Callable:
     return fn
 
 
+# Keyword names TRL's GRPOTrainer gives a reward function itself; data columns of these
+# names are not passed (TRL leaves out "prompt", "completion" and "completion_ids" alike).
+TRL_RESERVED = ("prompts", "completions", "prompt", "completion", "completion_ids",
+                "trainer_state")
+
+
+def is_trl_reward_function(fn: Callable) -> bool:
+    """TRL's form, fn(prompts, completions, **kwargs) -> list[float], is told by a parameter
+    named `completions` (TRL passes everything by keyword; `prompts` may sit in **kwargs)."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: our form
+        return False
+
+
 class FunctionScorer(Scorer):
-    """A plain function as a scorer: per item unless `fn.batched` is true."""
+    """A plain function as a scorer, in one of three forms:
+    fn(prompt, response, **params) -> number (per item); the same over lists when
+    `fn.batched` is true; TRL's fn(prompts, completions, **kwargs) -> list of numbers,
+    called by keyword with the rows' other columns (see is_trl_reward_function)."""
 
     def __init__(self, fn: Callable, params: dict | None = None, name: str | None = None):
         self.fn, self.params = fn, dict(params or {})
-        self.batched = bool(getattr(fn, "batched", False))
+        self.trl = is_trl_reward_function(fn)
+        self.batched = self.trl or bool(getattr(fn, "batched", False))
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
+    def _score_columns(self, prompts: list[str], responses: list[str],
+                       columns: dict[str, list[Any]]) -> Sequence[Any]:
+        if not self.trl:
+            return self._score(prompts, responses)
+        data = {k: v for k, v in columns.items() if k not in TRL_RESERVED}
+        both = sorted(set(data) & set(self.params))
+        if both:
+            raise PrefalignError(f"scorer {self.name}: {both[0]!r} is both a spec parameter "
+                                 "and a column of the data; rename one")
+        kwargs = {"prompts": prompts, "completions": responses, **data, **self.params}
+        parameters = inspect.signature(self.fn).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+        needed = [n for n, p in parameters.items() if n not in kwargs
+                  and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if needed:
+            have = ", ".join(sorted(data)) or "none"
+            raise PrefalignError(f"scorer {self.name} needs {needed[0]!r}, which is not a "
+                                 f"column of the prompt rows (their other columns: {have})")
+        scores = self.fn(**kwargs)
+        if isinstance(scores, (numbers.Real, str)) or scores is None:
+            raise PrefalignError(
+                f"scorer {self.name} (TRL form: it takes `completions`) returned "
+                f"{describe_value(scores)}; it must return a list with one number per completion")
+        return scores
+
     def _score(self, prompts: list[str], responses: list[str]) -> Sequence[Any]:
+        if self.trl:
+            return self._score_columns(prompts, responses, {})
         if self.batched:
             scores = self.fn(prompts, responses, **self.params)
             if isinstance(scores, (numbers.Real, str)):
@@ -362,16 +442,21 @@ class WeightedSum(Scorer):
         self.terms = terms
         self.name = ",".join(f"{scorer.name}:{weight:g}" for scorer, weight in terms)
 
-    def components(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple]:
+    def components(self, prompts: Sequence[str], responses: Sequence[str],
+                   columns: Mapping[str, Sequence[Any]] | None = None) -> list[tuple]:
         """[(name, weight, scores)] per term, unweighted: to log what the sum is made of."""
-        return [(s.name, w, s(prompts, responses)) for s, w in self.terms]
+        return [(s.name, w, s(prompts, responses, columns)) for s, w in self.terms]
 
-    def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _score_columns(self, prompts: list[str], responses: list[str],
+                       columns: dict[str, list[Any]]) -> list[float]:
         total = [0.0] * len(responses)
         for scorer, weight in self.terms:
-            for i, value in enumerate(scorer(prompts, responses)):
+            for i, value in enumerate(scorer(prompts, responses, columns)):
                 total[i] += weight * value
         return total
+
+    def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self._score_columns(prompts, responses, {})
 
 
 # name -> (class, parameter kinds, usage). The keys also build SCORER_HELP and the

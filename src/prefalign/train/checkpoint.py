@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,6 +193,67 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be loaded, or None when it is whole.
+
+    Catches what a crash, a full disk or a copy cut short leaves: a missing or cut
+    trainer_state.json, a truncated trainable.safetensors (its header's sizes do not add
+    up to the file's) and a truncated optimizer, scheduler or RNG file (torch.save writes
+    zip archives, whose directory sits at the end). Reads headers, not the weights.
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_text("utf-8"))
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{STATE_FILE} is cut short or not JSON"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} has no step"
+    files = [path / "scheduler.pt"]
+    if state.get("format", SAFETENSORS) == SAFETENSORS:
+        problem = _safetensors_problem(path / "trainable.safetensors")
+        if problem:
+            return problem
+        files += [path / "optimizer.pt", path / "rng.pt", *sorted(path.glob("rng-*.pt"))]
+    for file in files:
+        if not file.is_file():
+            return f"{file.name} is missing"
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is cut short or damaged"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, a JSON header, then the tensors'
+    bytes; the header's largest end offset says how long the file must be."""
+    if not file.is_file():
+        return f"{file.name} is missing"
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 8 + length <= size else None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+        return f"{file.name} has a cut or unreadable header"
+    if size != 8 + length + end:
+        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def newest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that checkpoint_problem finds whole, and the newer
+    ones it skipped, each with the reason: (path or None, [(skipped path, why), ...])."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

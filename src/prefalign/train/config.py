@@ -25,7 +25,8 @@ class TrainConfig:
     batch_size: int = option(4, "examples per device per micro-batch")
     grad_accum: int = option(4, "micro-batches accumulated per optimizer step")
     learning_rate: float | None = option(
-        None, "peak learning rate; none = 5e-6 for full fine-tuning, 5e-5 with LoRA")
+        None, "peak learning rate; none = 5e-6 for full fine-tuning, 5e-5 with LoRA",
+        aliases=("--lr",))
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -54,8 +55,15 @@ class TrainConfig:
     eval_steps: int = option(0, "evaluate every N steps (0 = only at the end)")
     save_steps: int = option(0, "write a checkpoint every N steps (0 = none until the end)")
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
+    resume: bool = option(
+        False, "continue from the newest intact checkpoint in output_dir, with the settings "
+        "of its config.yaml (other than logging, saving, memory options and more steps: "
+        "see docs/reliability.md, Resuming)")
     resume_from: str | None = option(None, "continue from this checkpoint directory")
+    overwrite: bool = option(
+        False, "start over in an output_dir that holds an earlier run: remove that run's "
+        "files (config.yaml, metrics.jsonl, checkpoints/, final/, ...) first; without it or "
+        "resume, a non-empty output_dir is refused")
     report_to: str = option("none", "extra metric tracker", choices=TRACKERS)
     merge: bool = option(False, "also save the LoRA-merged model in output_dir/final-merged")
     logps_chunk_size: int | None = option(
@@ -68,6 +76,24 @@ class TrainConfig:
     load_in_8bit: bool = option(
         False, "load the base weights in 8-bit through bitsandbytes (CUDA only)")
     strict: bool = option(False, "stop on droppable rows instead of dropping them with a count")
+    columns: dict[str, str] = option(
+        {}, "read fields from other column names, target=source: e.g. "
+        "prompt=question,system=system (YAML: the same string or a mapping); applies to "
+        "data and eval_data")
+    split: str | None = option(
+        None, "split of a DatasetDict folder or cached dataset in data; none = train (a "
+        "DatasetDict without one is refused naming its splits)")
+    eval_split: str | None = option(
+        None, "split of a DatasetDict folder or cached dataset in eval_data; none = train")
+    max_drop_fraction: float = option(
+        0.05, "stop (exit 2) when more than this fraction of the rows of data or eval_data "
+        "is dropped (empty completion, chosen == rejected, no shared prompt, ...)")
+    chat_template: str | None = option(
+        None, "jinja chat template file that replaces the tokenizer's for this run and is "
+        "saved with the tokenizer in final/ (none = the tokenizer's own)")
+    text_as_chat: bool = option(
+        False, "render text rows (prompt/completion strings, HH transcripts) as user/assistant "
+        "turns with the chat template; off = plain text, as TRL")
     trust_remote_code: bool = option(False, "allow model code from the model directory to run")
 
     def validate(self) -> None:
@@ -80,6 +106,7 @@ class TrainConfig:
                 "must be > 0")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        require(0 <= self.max_drop_fraction <= 1, "max_drop_fraction", "must be in [0, 1]")
         require(self.max_skipped_in_a_row >= 1, "max_skipped_in_a_row", "must be >= 1")
         require(self.max_length >= 2, "max_length", "must be >= 2")
         require(1 <= self.max_prompt_length < self.max_length, "max_prompt_length",
@@ -91,6 +118,9 @@ class TrainConfig:
         require(self.eval_steps >= 0, "eval_steps", "must be >= 0")
         require(self.save_steps >= 0, "save_steps", "must be >= 0")
         require(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        require(not (self.overwrite and (self.resume or self.resume_from)), "overwrite",
+                "and resume exclude each other: resume continues the run in output_dir, "
+                "overwrite removes it")
         require(self.logps_chunk_size is None or self.logps_chunk_size >= 1, "logps_chunk_size",
                 "must be >= 1")
         require(not (self.load_in_4bit and self.load_in_8bit), "load_in_4bit",

@@ -41,14 +41,17 @@ from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import distributed
 from prefalign.train.batching import epoch_generator, feature_length, length_grouped_order
 from prefalign.train.checkpoint import (
+    checkpoint_problem,
     list_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
+    newest_intact,
     rng_state,
     save_checkpoint,
     save_sharded_checkpoint,
 )
 from prefalign.train.config import TrainConfig
+from prefalign.train.diagnostics import detached_loss_problem, lora_gradient_problem
 from prefalign.train.metrics import MetricLogger, MetricWindow
 
 Features = list[dict[str, Any]]
@@ -160,6 +163,7 @@ class Trainer:
         self.skipped = 0  # optimizer steps dropped for a non-finite loss or gradient
         self.skipped_in_a_row = 0
         self._lengths: list[int] | None = None  # per example, for group_by_length
+        self.gradients_checked = False  # train.diagnostics, once after the first backward
 
     # -- data -------------------------------------------------------------------------
     @property
@@ -249,6 +253,8 @@ class Trainer:
                 acc.gradient_state._set_sync_gradients(sync)
             with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 loss, metrics = self.algorithm.compute_loss(self.model, batch)
+                if not loss.requires_grad:  # backward would fail with an opaque RuntimeError
+                    raise PrefalignError(detached_loss_problem(self.unwrapped))
                 # DDP averages gradients over processes: scale the share back up by P.
                 # A stand-in (0 units) still runs backward, contributing zero gradients.
                 share_of_step = share.units / total_units if total_units else 0.0
@@ -271,6 +277,12 @@ class Trainer:
             self.window.add(step_metrics, weight=weight)
         if grad_norm is not None:
             self.window.add({"grad_norm": torch.as_tensor(grad_norm)}, weight=1.0)
+        if not self.gradients_checked:  # sharded engines hold no whole gradient to read
+            self.gradients_checked = True
+            problem = None if distributed.sharded_states(acc) else lora_gradient_problem(
+                self.unwrapped, [p for g in self.optimizer.param_groups for p in g["params"]])
+            if problem and acc.is_main_process:
+                tqdm.write(f"warning: {problem}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -367,12 +379,22 @@ class Trainer:
             return
         if c.resume_from:
             path = Path(c.resume_from)
+            problem = checkpoint_problem(path)
+            if problem:
+                raise PrefalignError(f"checkpoint {path} cannot be loaded: {problem}; choose "
+                                     "another with --resume-from, or --resume for the newest "
+                                     "intact one")
         else:
-            found = list_checkpoints(self.checkpoint_dir)
-            if not found:
+            path, skipped = newest_intact(self.checkpoint_dir)
+            for bad, why in skipped:  # a damaged newest checkpoint: fall back to an older one
+                acc.print(f"skipped checkpoint {bad}: {why}")
+            if path is None and skipped:
+                names = ", ".join(f"{p.name} ({why})" for p, why in skipped)
+                raise PrefalignError(f"no intact checkpoint in {self.checkpoint_dir}: {names}; "
+                                     "restore one, or start over with --overwrite")
+            if path is None:
                 acc.print(f"no checkpoint in {self.checkpoint_dir}: starting fresh")
                 return
-            path = found[-1]
         # Each loader refuses a checkpoint of the other format with a message saying why.
         if distributed.sharded_states(acc):
             state = load_sharded_checkpoint(path, acc, self.scheduler)
