@@ -35,7 +35,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import distributed
@@ -53,6 +52,7 @@ from prefalign.train.checkpoint import (
 from prefalign.train.config import TrainConfig
 from prefalign.train.diagnostics import detached_loss_problem, lora_gradient_problem
 from prefalign.train.metrics import MetricLogger, MetricWindow
+from prefalign.train.schedule import warmup_schedule
 
 Features = list[dict[str, Any]]
 STAND_IN = "stand_in"  # batch key, True on a zero-weight stand-in micro-batch (see above)
@@ -145,9 +145,7 @@ class Trainer:
         optimizer = make_optimizer(params, config.lr, config.weight_decay)
         self.total_steps = self._total_steps()
         warmup = math.ceil(config.warmup_ratio * self.total_steps)
-        name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
-        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = warmup_schedule(optimizer, config.lr_scheduler, warmup, self.total_steps)
         acc = self.accelerator
         distributed.configure_engine(acc, model, config.batch_size, config.max_grad_norm)
         shell = distributed.meta_copy(model) if distributed.shards_parameters(acc) else None
