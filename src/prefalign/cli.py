@@ -10,6 +10,8 @@ from typing import NoReturn
 
 from prefalign import __version__
 from prefalign.errors import PrefalignError
+from prefalign.hub import allow_downloads, offline_by_default
+from prefalign.text import printable
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,7 +47,7 @@ def _data_check(args: argparse.Namespace) -> int:
     if args.model:
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template,
                                    text_as_chat=args.text_as_chat)
-    # The verdict line comes first; how the rows were read and tokenized follows it.
+    # How the rows were read and tokenized goes under the counts, before the lengths.
     notes = [tokens_line(tokenizer)] if tokenizer is not None else []
     summary = check_file(args.file, tokenizer=tokenizer, max_length=args.max_length,
                          max_prompt_length=args.max_prompt_length, strict=args.strict,
@@ -53,7 +55,9 @@ def _data_check(args: argparse.Namespace) -> int:
                          kind="unpaired" if args.kind == "kto" else args.kind,
                          max_drop_fraction=args.max_drop_fraction,
                          log=lambda line: notes.append(f"data: {line}"))
-    print("\n".join([summary.format(), *notes]), flush=True)
+    lines = summary.format().splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith("lengths in")), len(lines))
+    print("\n".join(lines[:at] + notes + lines[at:]), flush=True)
     if summary.normalize.kept and summary.too_many_dropped:
         from prefalign.errors import DataError
 
@@ -100,6 +104,8 @@ def _run_trainer(args: argparse.Namespace) -> int:
     module, config_name, run_name, _ = TRAINERS[args.trainer]
     module = importlib.import_module(module)
     config = config_from_args(getattr(module, config_name), args)
+    if config.allow_download:
+        allow_downloads()
     getattr(module, run_name)(config)
     return 0
 
@@ -227,6 +233,7 @@ def _add_data(sub) -> None:
 
 def _add_score(sub) -> None:
     from prefalign.data.chat import add_chat_arguments
+    from prefalign.hub import DOWNLOAD_HELP
 
     score = sub.add_parser(
         "score", help=TOOLS["score"][1],
@@ -249,6 +256,7 @@ def _add_score(sub) -> None:
                        help="maximum prompt tokens, as in training (default: 512)")
     score.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the model directory to run")
+    score.add_argument("--allow-download", action="store_true", help=DOWNLOAD_HELP)
     add_chat_arguments(score, whose="the reward model's tokenizer",
                        note="; a template given in training is already saved with it",
                        text_note="; give it when training did")
@@ -403,8 +411,12 @@ def _unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before the command's module imports huggingface_hub, which reads this setting once.
+    offline_by_default()
     parser = build_parser(_command_word(argv))
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "allow_download", False) is True:  # a tool's flag; trainers: config
+        allow_downloads()
     if extra:
         # Reported for the command the user ran: `prefalign dpo --help` lists its options.
         words = (getattr(args, "command", None), getattr(args, "data_command", None))
@@ -420,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrefalignError as exc:
         if args.debug:
             raise
-        print(f"prefalign: error: {exc}", file=sys.stderr)
+        # Messages quote file names and server or model text: no raw ESC reaches the terminal.
+        print(f"prefalign: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)
