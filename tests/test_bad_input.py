@@ -38,6 +38,12 @@ ERRORS = {
         "kto": (" row 0:", ("missing field 'completion'", "'question'")),
     },
     "empty.jsonl": (":", ("no rows",)),
+    "duplicate_key.jsonl": (":2:", ("key 'chosen' appears twice", "remove or rename one")),
+    "duplicate_header.csv": (":1:", ("column 'chosen' appears twice in the header",)),
+    "lone_surrogate.jsonl": (":2:", ("field 'chosen'", "lone UTF-16 surrogate (\\ud83d)",
+                                     "cannot be tokenized")),
+    "huge_integer.jsonl": (":2:", ("integer of 401 digits is too large",)),
+    "zero_weights.jsonl": (": ", ("every kept row has weight 0", "column 'weight'")),
 }
 # file -> (rows, kept, {reason: count}, truncated prompts (pairs), truncated prompts (kto))
 PROCESSED = {

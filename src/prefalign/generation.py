@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from prefalign.data.chat import prompt_messages, require_chat_template, text_as_chat
 from prefalign.data.collate import collate_prompts
-from prefalign.data.tokenize import tokenizer_adds_bos
+from prefalign.data.tokenize import apply_template, tokenizer_adds_bos
 from prefalign.errors import ConfigError, DataError
 from prefalign.logprobs import position_ids_from_mask
 
@@ -199,8 +199,9 @@ def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]
             prompt, kind = prompt_messages(prompt, f"prompt {i}"), "chat"
         if kind == "chat":
             require_chat_template(tokenizer, f"prompt {i}")
-            texts[i] = tokenizer.apply_chat_template(
-                list(prompt), tokenize=False, add_generation_prompt=True)
+            # A template that raises (the model's own, too) is one line naming the prompt.
+            texts[i] = apply_template(tokenizer, list(prompt), f"prompt {i}",
+                                      add_generation_prompt=True)
         elif kind == "text":
             texts[i] = prompt
         out.append(list(prompt) if kind == "ids" else list(bos) if kind == "text" else [])

@@ -454,7 +454,13 @@ def _read_adapter_config(directory: Path) -> LoRASettings:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is cut short or not JSON ({exc}); restore it from the run "
+                         "that wrote it") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA is supported")
     if config.get("bias", "none") != "none":
@@ -491,6 +497,11 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = True
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    from prefalign.models import safetensors_problem
+
+    problem = safetensors_problem(weights_path)  # safetensors' own error names no file
+    if problem is not None:
+        raise ValueError(f"{directory}: {problem}; copy the adapter directory again")
     state = {_strip_key(k): v for k, v in load_file(str(weights_path)).items()}
     if has_lora(model):
         raise ValueError("the model already has LoRA layers; load the adapter into a plain model")

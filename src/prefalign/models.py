@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from prefalign.errors import PrefalignError
+from prefalign.hub import DOWNLOAD_FIX, downloads_allowed
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None,
@@ -25,15 +26,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     masked everywhere, so the id only has to exist.
     chat_template: a jinja file that replaces the tokenizer's chat template; text_as_chat:
     render text rows with the template (both: data.chat.configure_tokenizer).
+    Offline first: a hub id is read from the local cache only, unless
+    prefalign.hub.downloads_allowed() (--allow-download, HF_HUB_OFFLINE=0).
     """
     from prefalign.data.chat import configure_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=not downloads_allowed())
     except (OSError, ValueError) as exc:
-        hint = "" if Path(path).exists() else " (no such directory; the hub is not reachable offline)"
-        raise PrefalignError(f"cannot load a tokenizer from {path}{hint}: "
-                             f"{str(exc).splitlines()[0]}") from None
+        raise not_found(path, "a tokenizer") or PrefalignError(
+            f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}"
+            f"{remote_code_hint(exc)}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise PrefalignError(f"tokenizer of {path} has neither a pad nor an EOS token; "
@@ -60,6 +64,146 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
 
 def _is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
+
+
+def not_found(path: str, what: str) -> PrefalignError | None:
+    """The error for a `path` that is neither a local path nor (while downloads are off)
+    in the local hub cache, naming the fix; None when `path` exists or downloads are on."""
+    if Path(path).expanduser().exists():
+        return None
+    if downloads_allowed():
+        return None
+    return PrefalignError(f"cannot load {what} from {path}: no such directory, and no model "
+                          f"of that name in the local hub cache; give a local directory, "
+                          f"or {DOWNLOAD_FIX}")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file cannot be read whole (None when it can): the file is 8 bytes
+    of header length, a JSON header, then the tensors' bytes, and the header's largest end
+    offset says how long the file must be. Reads the header only."""
+    if not file.is_file():
+        return f"{file.name} is missing"
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 8 + length <= size else None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+        return f"{file.name} has a cut or unreadable header"
+    if size != 8 + length + end:
+        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def check_weight_files(directory: Path) -> None:
+    """PrefalignError naming the first cut or unreadable *.safetensors file of a local model
+    directory: safetensors' own error is a traceback ("incomplete metadata") that names no
+    file."""
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise PrefalignError(f"{directory}: {problem}; the copy or download was cut short "
+                                 "or the file is damaged: copy the model directory again")
+
+
+def read_json_file(file: Path) -> dict:
+    """A JSON object from `file`, or a PrefalignError naming the file (a cut copy)."""
+    try:
+        data = json.loads(file.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrefalignError(f"cannot read {file}: it is cut short or not JSON ({exc}); "
+                             "restore it from the run that wrote it") from None
+    if not isinstance(data, dict):
+        raise PrefalignError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def adapter_base(directory: Path, chain: tuple[Path, ...] = ()) -> str:
+    """The base model an adapter directory names, refusing a missing base and a base that
+    leads back to an adapter of `chain` (the adapters being loaded, outermost first): a
+    self-referencing or cyclic adapter would otherwise recurse until Python gives up."""
+    from prefalign.lora import ADAPTER_CONFIG
+
+    file = directory / ADAPTER_CONFIG
+    base = read_json_file(file).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        raise PrefalignError(f"{file} names no base_model_name_or_path; cannot tell which "
+                             "model the adapter belongs to")
+    here = (*chain, directory.resolve())
+    target = Path(base).expanduser()
+    if target.exists() and target.resolve() in here:
+        loop = " -> ".join(str(p) for p in (*here[here.index(target.resolve()):], target))
+        raise PrefalignError(f"{file}: base_model_name_or_path {base!r} leads back to an "
+                             f"adapter being loaded ({loop}); set it to the base model's "
+                             "directory or hub id")
+    return base
+
+
+# Bytes per parameter of the dtypes a config.json names (others count 4, as fp32).
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+
+
+def _available_bytes(on_gpu: bool) -> int | None:
+    """Free memory where the weights will be made: the GPU's (torch.cuda.mem_get_info) or
+    the machine's MemAvailable (/proc/meminfo; None where there is none, e.g. macOS)."""
+    if on_gpu:
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parameter_count(config, model_class=AutoModelForCausalLM, trust_remote_code: bool = False
+                    ) -> int | None:
+    """Parameters of the model `config` describes, counted on the meta device (no memory),
+    tied weights once; None when the config builds no model (from_pretrained says why).
+    torch.device("meta") makes every tensor there; accelerate's init_empty_weights would
+    allocate each parameter on the CPU first and then move it."""
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # unknown model type, remote code not allowed, ...: not ours to judge
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_fits_in_memory(path: str, model_class=AutoModelForCausalLM,
+                         trust_remote_code: bool = False, quantization: str | None = None) -> None:
+    """PrefalignError when the weights `path`'s config.json describes cannot fit in the free
+    memory they would be made in, before any is allocated: a config that asks for enormous
+    dimensions would otherwise allocate until the machine swaps or the process is killed.
+    Weights take params x dtype bytes (the config's dtype; 1 byte in 8-bit, half in 4-bit)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=not downloads_allowed())
+    except Exception:  # from_pretrained reports an unreadable config in its own words
+        return
+    params = parameter_count(config, model_class, trust_remote_code)
+    if params is None:
+        return
+    if quantization is not None:
+        per_param = 0.5 if quantization == "4bit" else 1.0
+    else:
+        dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+        per_param = _DTYPE_BYTES.get(dtype, 4)
+    available = _available_bytes(on_gpu=quantization is not None)
+    needed = params * per_param
+    if available is not None and needed > available:
+        where = "free GPU memory" if quantization is not None else "available memory"
+        raise PrefalignError(
+            f"{path}: its config.json describes {params:,} parameters, {needed / 2**30:,.1f} GiB "
+            f"of weights, but only {available / 2**30:,.1f} GiB of {where} is left; check the "
+            "config's dimensions (hidden_size, num_hidden_layers, vocab_size, ...) or use a "
+            "machine with more memory")
 
 
 QUANTIZATIONS = ("4bit", "8bit")
@@ -101,14 +245,19 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
     (lora.save_adapter) instead of naming this adapter directory as its base, which PEFT
     would load as base + last stage only.
     quantization: "4bit" | "8bit" loads the weights through bitsandbytes (CUDA only).
+
+    Offline first: a hub id is read from the local cache only, unless
+    prefalign.hub.downloads_allowed() (--allow-download, HF_HUB_OFFLINE=0). Before any
+    weight is allocated, cut safetensors files, adapters that lead back to themselves and
+    configs too large for the free memory are refused in one line (PrefalignError).
     """
-    from prefalign.lora import (
-        ADAPTER_CONFIG,
-        MergedAdapters,
-        layer_factors,
-        load_adapter,
-        unload_lora,
-    )
+    return _load_causal_lm(path, trust_remote_code, quantization, ())
+
+
+def _load_causal_lm(path: str, trust_remote_code: bool, quantization: str | None,
+                    chain: tuple[Path, ...]) -> PreTrainedModel:
+    """load_causal_lm; `chain`: the adapter directories whose bases are being loaded."""
+    from prefalign.lora import MergedAdapters, layer_factors, load_adapter, unload_lora
 
     local = Path(path)
     extra = {}
@@ -121,11 +270,8 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
             # Merging needs full-precision base weights; a quantized merge would round twice.
             raise PrefalignError(f"{path} is a LoRA adapter: load it in {quantization} after "
                                  "merging (--merge writes final-merged) and pass that directory")
-        base = json.loads((local / ADAPTER_CONFIG).read_text("utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise PrefalignError(f"{local / ADAPTER_CONFIG} names no base_model_name_or_path; "
-                                 "cannot tell which model the adapter belongs to")
-        model = load_causal_lm(base, trust_remote_code)
+        base = adapter_base(local, chain)
+        model = _load_causal_lm(base, trust_remote_code, None, (*chain, local.resolve()))
         # An older artifact may name another adapter directory as its base: already merged.
         earlier = getattr(model, "merged_adapters", None)
         try:
@@ -139,14 +285,28 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
             else MergedAdapters(base, (stage,)))
         model.name_or_path = str(local)
         return model
+    if local.is_dir():
+        check_weight_files(local)
+    check_fits_in_memory(path, AutoModelForCausalLM, trust_remote_code, quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, **extra)
+                                                     use_safetensors=True,
+                                                     local_files_only=not downloads_allowed(),
+                                                     **extra)
     except (OSError, ValueError) as exc:
-        hint = "" if local.exists() else " (no such directory; the hub is not reachable offline)"
-        raise PrefalignError(f"cannot load a causal LM from {path}{hint}: "
-                             f"{str(exc).splitlines()[0]}{pickle_hint(local)}") from None
+        raise not_found(path, "a causal LM") or PrefalignError(
+            f"cannot load a causal LM from {path}: "
+            f"{str(exc).splitlines()[0]}{pickle_hint(local)}{remote_code_hint(exc)}") from None
     return model
+
+
+def remote_code_hint(exc: Exception) -> str:
+    """The fix when transformers refused a model's own Python code: it runs only behind the
+    explicit flag of the command being run, never because a model or data file asks."""
+    if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+        return ""
+    return ("; that Python code runs only with the --trust-remote-code flag of a command "
+            "that has one (the trainers, score, evaluate): read it first")
 
 
 def pickle_hint(directory: Path) -> str:

@@ -231,7 +231,7 @@ def is_sequence_classification_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    architectures = json.loads(config.read_text("utf-8")).get("architectures") or []
+    architectures = _read_json(config).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
@@ -249,15 +249,18 @@ def _local_dir(path: str) -> Path:
     local = Path(path).expanduser()
     if local.is_dir():
         return local
+    from prefalign.hub import DOWNLOAD_FIX, downloads_allowed
+
     if not local.exists():
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(path, local_files_only=True))
+            return Path(snapshot_download(path, local_files_only=not downloads_allowed()))
         except Exception:  # not a repo id, or not cached: either way nothing to load
             pass
-    raise PrefalignError(f"reward model {path}: no such directory (nor a model in the local "
-                         "hub cache; the hub is not reached at run time)")
+    fix = "" if downloads_allowed() else f"; give a local directory, or {DOWNLOAD_FIX}"
+    raise PrefalignError(f"reward model {path}: no such directory, and no model of that name "
+                         f"in the local hub cache{fix}")
 
 
 def _read_json(path: Path) -> dict:
@@ -405,12 +408,14 @@ def load_reward_model(path: str | Path, tokenizer=None,
 
 
 def _load_classification(local: Path, path: str, trust_remote_code: bool) -> PreTrainedModel:
-    from prefalign.models import pickle_hint
+    from prefalign.models import check_fits_in_memory, check_weight_files, pickle_hint
 
+    check_weight_files(local)
+    check_fits_in_memory(str(local), AutoModelForSequenceClassification, trust_remote_code)
     try:
         hf, info = AutoModelForSequenceClassification.from_pretrained(
             str(local), trust_remote_code=trust_remote_code, use_safetensors=True,
-            output_loading_info=True)
+            output_loading_info=True, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise PrefalignError(f"cannot load a reward model from {path}: "
                              f"{str(exc).splitlines()[0]}{pickle_hint(local)}") from None

@@ -368,12 +368,12 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
         PolicyWithValue,
         ValueHead,
         critic_backbone,
-        disable_dropout,
         save_value_head,
     )
     from prefalign.algorithms.runner import finish_run, start_run
     from prefalign.data.prompts import load_prompts
     from prefalign.lora import apply_lora
+    from prefalign.models import disable_dropout
     from prefalign.train.distributed import shards_parameters
     from prefalign.train.loop import Trainer
 

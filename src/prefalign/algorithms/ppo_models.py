@@ -73,14 +73,6 @@ def critic_backbone(model_dir: str) -> nn.Module:
     return init_reward_model(model_dir).backbone
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """PPO compares log-probs of the same tokens across passes: dropout would make the
-    ratio differ from 1 with an unchanged policy, so it is switched off (as TRL does)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 def save_value_head(head: ValueHead, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}

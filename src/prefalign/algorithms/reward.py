@@ -42,7 +42,7 @@ from prefalign.data.formats import DroppedRow, normalize_row
 from prefalign.data.sources import load_rows
 from prefalign.data.tokenize import tokenize_preferences
 from prefalign.data.unpaired import normalize_unpaired_row, tokenize_unpaired
-from prefalign.errors import DataError, writing
+from prefalign.errors import DataError, atomic_file, writing
 from prefalign.losses import bradley_terry_loss, weighted_mean
 from prefalign.packing import fallback_note, packed_kwargs, share_prefix_positions
 from prefalign.reward_model import (
@@ -255,6 +255,9 @@ def _single_example(data: dict, origin: str) -> dict:
                                    "label": True}, origin)
 
 
+SCORE_KEYS = ("score_chosen", "score_rejected", "score")
+
+
 def score_file(reward_model_dir: str | Path, data: Any, output: str | Path | None = None,
                batch_size: int = 8, max_length: int | None = 1024,
                max_prompt_length: int | None = 512, trust_remote_code: bool = False,
@@ -302,12 +305,18 @@ def score_file(reward_model_dir: str | Path, data: Any, output: str | Path | Non
     for k, (i, _) in enumerate(singles):
         out_rows[i]["score"] = scores[2 * n + k]
     path = Path(output) if output else _default_output(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in out_rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)
+    with writing(path, flag="--output"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w", flag="--output") as handle:  # whole file or none
+        for row, (_, origin) in zip(out_rows, rows):
+            try:  # allow_nan=False: NaN and Infinity are not JSON; no reader takes them
+                line = json.dumps(row, ensure_ascii=False, default=str, allow_nan=False)
+            except ValueError:
+                raise DataError(f"{origin}: a score or value is NaN or infinite, which JSON "
+                                "cannot hold; check the row and the reward model's weights "
+                                f"(scores: {[row.get(k) for k in SCORE_KEYS if k in row]})"
+                                ) from None
+            handle.write(line + "\n")
     note = f", {sum(dropped.values())} pairs not scored ({dict(dropped)})" if dropped else ""
     print(f"scored {len(rows)} rows ({n} pairs, {len(singles)} responses){note} -> {path}")
     return path

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefalign.config import save_config
 from prefalign.data.chat import tokens_line
 from prefalign.errors import writing
+from prefalign.hub import allow_downloads
 from prefalign.lora import has_lora, print_trainable_parameters
 from prefalign.models import (
     check_vocabulary,
@@ -91,6 +92,8 @@ def open_run(config: TrainConfig, accelerator: Accelerator | None = None) -> Run
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, output_dir / "config.yaml")
     accelerator.wait_for_everyone()  # no process reads output_dir before the checks pass
+    if config.allow_download:  # library callers too, not only the command line
+        allow_downloads()
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template,
                                config.text_as_chat)

@@ -76,5 +76,6 @@ def load_preferences(
     examples, norm = normalize_rows(rows, strict=strict)
     norm.require_kept(name)
     norm.require_not_mass_dropped(name, max_drop_fraction)
+    norm.require_weighted(name, examples)
     features, trunc = tokenize_preferences(examples, tokenizer, max_length, max_prompt_length)
     return features, DataReport(source=name, normalize=norm, truncation=trunc)

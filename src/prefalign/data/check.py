@@ -159,6 +159,7 @@ def check_file(
     )
     if not examples:
         return summary
+    report.require_weighted(summary.source, examples)
     names = ("prompt", "chosen", "rejected") if kind == "preference" else ("prompt", "completion")
     if tokenizer is None:
         parts = [_char_lengths(e, kind) for e in examples]

@@ -78,6 +78,14 @@ class NormalizeReport:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
             raise DataError(f"{name}: all {self.rows} rows were dropped ({reasons})")
 
+    def require_weighted(self, name: str, examples: list[dict]) -> None:
+        """Raise DataError when the kept rows' weights (absent: 1) sum to 0: the weighted
+        loss would be 0/0 or nothing, a run that trains on nothing and exits 0."""
+        if examples and sum(e.get("weight", 1.0) for e in examples) == 0:
+            raise DataError(f"{name}: every kept row has weight 0 (column 'weight'), so "
+                            "nothing would be trained on; give rows a weight > 0 or drop the "
+                            "column")
+
     def too_many_dropped(self, max_fraction: float | None) -> bool:
         """True when more than max_fraction of the rows were dropped (None: no limit)."""
         return max_fraction is not None and self.n_dropped > max_fraction * self.rows

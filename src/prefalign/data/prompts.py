@@ -11,19 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prefalign.data.formats import normalize_row
+from prefalign.data.formats import check_messages, normalize_row
 from prefalign.data.schemas import read_rows
 from prefalign.errors import DataError
 
 
-def _from_messages(messages: Any, origin: str) -> list[dict]:
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        raise DataError(f"{origin}: field 'messages' must be a list of {{role, content}} dicts")
-    if messages and messages[-1].get("role") == "assistant":
+def _from_messages(messages: Any, origin: str, key: str = "messages") -> list[dict]:
+    if not isinstance(messages, list):
+        raise DataError(f"{origin}: field {key!r} must be a list of {{role, content}} dicts")
+    # Each message needs a known role and text content: a chat template cannot place a
+    # message without a role.
+    messages = check_messages(messages, key, origin)
+    if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages:
-        raise DataError(f"{origin}: field 'messages' has no turn before the last assistant turn")
+        raise DataError(f"{origin}: field {key!r} has no turn before the last assistant turn")
     return messages
 
 
@@ -34,7 +36,7 @@ def prompt_of(row: dict[str, Any], origin: str) -> str | list[dict]:
         if isinstance(prompt, str) and prompt.strip():
             return prompt
         if isinstance(prompt, list) and prompt:
-            return _from_messages(prompt, origin)
+            return _from_messages(prompt, origin, "prompt")
         raise DataError(f"{origin}: field 'prompt' must be a non-empty string or chat messages")
     if "messages" in row:
         return _from_messages(row["messages"], origin)

@@ -5,7 +5,9 @@ Every row comes back with a human-readable origin ("prefs.jsonl:12", "prefs.parq
 numbers count from 1 (as editors do); row numbers count from 0 (as `dataset[i]` does).
 
 Supported sources:
-  .jsonl / .ndjson   one JSON object per line; blank lines are skipped
+  .jsonl / .ndjson   one JSON object per line; blank lines are skipped; read as a stream
+                     (a block at a time), so memory holds the rows, not the file's text,
+                     and a bad line is reported without reading the rest of the file
   .json              a list of objects, or JSON lines
   .parquet           any Parquet file
   .csv               header line plus one row per record; `margin`/`weight` cells become floats
@@ -14,6 +16,12 @@ Supported sources:
                      without one is refused naming its splits
   "owner/name"       a dataset already in the local Hugging Face datasets cache (never
                      downloaded); `split` defaults to "train"
+
+Every JSON value is checked as it is parsed: a key given twice in one object (and a CSV
+header or Parquet schema naming a column twice), nesting too deep to parse, an integer
+literal too large for a float, and a string holding a lone UTF-16 surrogate (a "\\ud83d"
+escape without its pair: it cannot be tokenized or written as UTF-8) are DataErrors naming
+the file, line and key or field.
 
 A `split` given for a source without splits (a file, a single Dataset) is refused rather
 than ignored: it means the user expects rows that this source does not have.
@@ -28,9 +36,9 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from prefalign.errors import DataError
 
@@ -107,30 +115,162 @@ def _read_bytes(path: Path, name: str) -> bytes:
         raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
 
 
+def _utf8_error(data: bytes, e: UnicodeDecodeError, name: str, first_line: int = 1) -> DataError:
+    """A bad byte of `data` (whose first line is `first_line`), with its line and column."""
+    line = first_line + data.count(b"\n", 0, e.start)
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return DataError(
+        f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+        "re-save the file as UTF-8"
+    )
+
+
 def _decode(data: bytes, name: str) -> str:
     """UTF-8 text of a whole file; a bad byte is reported with its line and column."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
-            "re-save the file as UTF-8"
-        ) from None
+        raise _utf8_error(data, e, name) from None
     return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first row
 
 
-def _json_lines(text: str, name: str) -> Iterator[Row]:
-    for number, line in enumerate(text.split("\n"), start=1):
+# Line-delimited files are read in blocks of this many bytes: memory holds one block (or
+# one line, if longer), not the file, and a bad line is found without reading the rest.
+READ_BLOCK = 1 << 20
+
+
+def _file_lines(handle: BinaryIO, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a binary file, read a block at a time."""
+    number, pending = 0, []  # pending: the start of a line that no block has ended yet
+    try:
+        while True:
+            block = handle.read(READ_BLOCK)
+            cut = block.rfind(b"\n") + 1 if block else len(block)
+            if block and not cut:
+                pending.append(block)  # a line longer than a block: joined once it ends
+                continue
+            data = b"".join([*pending, block[:cut]])
+            pending = [block[cut:]]
+            if data:
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(data, e, name, number + 1) from None
+                if number == 0:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark is not a row
+                lines = text.split("\n")
+                for line in lines[:-1] if block else lines:  # a block ends with a newline
+                    number += 1
+                    yield number, line
+            if not block:
+                return
+    except OSError as e:
+        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _HugeInteger(Exception):
+    pass
+
+
+# A float holds at most 309 integer digits; past that a weight or margin overflows, and
+# past 4,300 Python refuses to parse the int at all.
+_MAX_INT_DIGITS = 309
+# "\ud800"-"\udfff" escapes: halves of a UTF-16 pair, which json.loads keeps when alone.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict:
+    """object_pairs_hook: a repeated key would silently keep only its last value."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _HugeInteger(len(digits.lstrip("-")))
+    return int(digits)
+
+
+def parse_json(text: str, where: str, whole_file: bool = False) -> Any:
+    """json.loads for data rows: a malformed, duplicate-keyed, too deeply nested or too
+    large value is a DataError naming `where` ("prefs.jsonl:12"), and so is a string that
+    holds a lone UTF-16 surrogate (it cannot be tokenized or written as UTF-8).
+    whole_file: `text` is a whole file named `where`; a syntax error names its line."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_object, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        if whole_file:
+            raise DataError(
+                f"{where}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        raise DataError(
+            f"{where}: invalid JSON: {e.msg} (column {e.colno}); fix or remove the line"
+        ) from None
+    except _DuplicateKey as e:
+        raise DataError(
+            f"{where}: key {e.args[0]!r:.60} appears twice in one object (only one value can "
+            "be used); remove or rename one"
+        ) from None
+    except _HugeInteger as e:
+        raise DataError(
+            f"{where}: an integer of {e.args[0]} digits is too large for any number field; "
+            "fix the value (or quote it as a string)"
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{where}: JSON nested too deeply to read (rows hold strings, numbers and lists of "
+            "messages); fix or remove the line"
+        ) from None
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_surrogates(value, where)
+    return value
+
+
+def _refuse_surrogates(value: Any, where: str) -> None:
+    """Name the first field whose text (or key) holds a lone surrogate."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in item.items()]
+            texts = [(path or "(the row)", k) for k in item]
+        elif isinstance(item, list):
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(item)]
+            texts = []
+        else:
+            children, texts = [], [(path or "(the row)", item)] if isinstance(item, str) else []
+        for field, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(
+                    f"{where}: field {field!r:.80} holds a lone UTF-16 surrogate "
+                    f"({text[_first_surrogate(text)].encode('unicode_escape').decode()}): half of "
+                    "an escaped character pair, which cannot be tokenized or written as UTF-8; "
+                    "fix the \\u escape or remove it"
+                ) from None
+        stack.extend(reversed(children))
+
+
+def _first_surrogate(text: str) -> int:
+    return next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+
+
+def _json_lines(lines: Iterable[tuple[int, str]], name: str) -> Iterator[Row]:
+    for number, line in lines:
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{name}:{number}: invalid JSON: {e.msg} (column {e.colno}); fix or remove the line"
-            ) from None
+        value = parse_json(line, f"{name}:{number}")
         if isinstance(value, list):
             # Typically a whole data set dumped as one array into a .jsonl file.
             raise DataError(
@@ -152,7 +292,12 @@ def _json_type(value: Any) -> str:
 
 
 def _rows_from_jsonl(path: Path, name: str) -> list[Row]:
-    return list(_json_lines(_decode(_read_bytes(path, name), name), name))
+    try:
+        handle = open(path, "rb")  # closed by the `with` below, after the last row
+    except OSError as e:
+        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+    with handle:
+        return list(_json_lines(_file_lines(handle, name), name))
 
 
 def _rows_from_json(path: Path, name: str) -> list[Row]:
@@ -160,21 +305,23 @@ def _rows_from_json(path: Path, name: str) -> list[Row]:
     text = _decode(_read_bytes(path, name), name)
     head = text.lstrip()[:1]
     if head == "[":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{name}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
-            ) from None
+        value = parse_json(text, name, whole_file=True)
         return [
             Row(_require_object(v, f"{name} row {i}"), f"{name} row {i}")
             for i, v in enumerate(value)
         ]
-    if head == "{":
-        with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(text)
-            return [Row(value, f"{name}:{text.count(chr(10), 0, text.index('{')) + 1}")]
-    return list(_json_lines(text, name))
+    if head == "{":  # one (pretty-printed) object, or JSON lines
+        try:
+            json.loads(text)
+            single = True
+        except json.JSONDecodeError:
+            single = False  # JSON lines: read (and any error named) below
+        except (ValueError, RecursionError):
+            single = True  # one object too large or too deep: parse_json names the problem
+        if single:
+            where = f"{name}:{text.count(chr(10), 0, text.index('{')) + 1}"
+            return [Row(parse_json(text, where), where)]
+    return list(_json_lines(enumerate(text.split("\n"), start=1), name))
 
 
 def _rows_from_csv(path: Path, name: str) -> list[Row]:
@@ -185,6 +332,7 @@ def _rows_from_csv(path: Path, name: str) -> list[Row]:
         header = next(reader, None)  # blank lines before the header
     if header is None:
         return []
+    _refuse_duplicate_columns(header, f"{name}:{reader.line_num}", "the header")
     rows = []
     while True:
         start = reader.line_num + 1  # a quoted cell may span lines: report where the record starts
@@ -220,10 +368,25 @@ def _rows_from_parquet(path: Path, name: str) -> list[Row]:
     import pyarrow.parquet as pq  # imported on use: most sources are JSON
 
     try:
+        columns = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{name}: cannot read Parquet: {_one_line(e)}") from None
+    _refuse_duplicate_columns(columns, name, "the schema")
+    try:
         records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{name}: cannot read Parquet: {_one_line(e)}") from None
     return [Row(r, f"{name} row {i}") for i, r in enumerate(records)]
+
+
+def _refuse_duplicate_columns(columns: list[str], where: str, what: str) -> None:
+    """Two columns of one name would leave each row only the last one's value."""
+    seen = set()
+    for column in columns:
+        if column in seen:
+            raise DataError(f"{where}: column {column!r:.60} appears twice in {what}; rename "
+                            "or remove one")
+        seen.add(column)
 
 
 def _rows_from_saved_folder(path: Path, name: str, split: str) -> list[Row]:

@@ -264,6 +264,7 @@ def load_unpaired(
     examples, norm, kind = normalize_unpaired(rows, strict=strict)
     norm.require_kept(name)
     norm.require_not_mass_dropped(name, max_drop_fraction)
+    norm.require_weighted(name, examples)
     features, (cut_prompts, cut_completions) = tokenize_unpaired(
         examples, tokenizer, max_length, max_prompt_length)
     desirable = sum(f["label"] for f in features)

@@ -221,13 +221,10 @@ def _write(report: dict[str, Any], samples: Mapping[str, list[dict]], prompts: l
     """samples.jsonl (one line per sample, with its model and prompt) and the report files."""
     from prefalign.evaluation.report import write_report
 
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "samples.jsonl").open("w", encoding="utf-8") as handle:
-        for name, rows in samples.items():
-            for r in rows:
-                handle.write(json.dumps({"model": name, "prompt": prompt_display(
-                    prompts[r["prompt_index"]]), **r}) + "\n")
-    paths = write_report(report, out)
+    lines = [json.dumps({"model": name, "prompt": prompt_display(prompts[r["prompt_index"]]),
+                         **r}) + "\n" for name, rows in samples.items() for r in rows]
+    # One write with the report's files: all of them, or (a full disk) none.
+    paths = write_report(report, out, extra={"samples.jsonl": "".join(lines)})
     paths["samples"] = out / "samples.jsonl"
     return paths
 
@@ -406,9 +403,12 @@ def add_arguments(parser: Any) -> None:
         help="a line shown at the top of the report (repeatable)")
     add("--frontier", metavar="JSON", help="file of extra reward-vs-KL curves: "
         "{\"label\": [[kl, reward], [kl, reward, \"point label\"], ...]}")
+    from prefalign.hub import DOWNLOAD_HELP
+
     add("--device", help="cuda or cpu (default: cuda when available)")
     add("--trust-remote-code", action="store_true",
         help="allow model code from the model directories to run")
+    add("--allow-download", action="store_true", help=DOWNLOAD_HELP)
     add_chat_arguments(parser, whose="every compared model's tokenizer",
                        note="; the reward model keeps its own")
 

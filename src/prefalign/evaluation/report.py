@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefalign.errors import ConfigError, DataError
+from prefalign.errors import ConfigError, DataError, write_files, writing
 from prefalign.evaluation.plots import curves_png, frontier_png
 
 # Metrics of each trainer worth a panel, in panel order; other keys (lr, grad_norm) are not.
@@ -351,21 +351,27 @@ def render_html(report: dict[str, Any], plots: list[dict[str, Any]]) -> str:
             + f"\n<script>{IMAGE_CHECK}</script>\n</body></html>\n")
 
 
-def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+def write_report(report: dict[str, Any], output_dir: str | Path,
+                 extra: dict[str, str | bytes] | None = None) -> dict[str, Path]:
     """Write the plots (PNG), report.json, report.md and report.html -> their paths.
 
-    report["plots"] is set to the written plot files ({id, file, title}).
+    report["plots"] is set to the written plot files ({id, file, title}). extra: more
+    files of the report, name -> content. All files are written, or none: a full disk or a
+    read-only folder leaves an earlier report as it was, no temp file, and raises a
+    one-line OutputError naming the file.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(report)
-    for plot in plots:
-        (out / plot["file"]).write_bytes(plot["png"])
     report["plots"] = [{k: p[k] for k in ("id", "file", "title")} for p in plots]
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    paths["md"].write_text(render_markdown(report, plots), encoding="utf-8")
-    paths["html"].write_text(render_html(report, plots), encoding="utf-8")
+    files: dict[Path, str | bytes] = {out / name: content for name, content in (extra or {}).items()}
+    files.update({out / plot["file"]: plot["png"] for plot in plots})
+    files[paths["json"]] = json.dumps(report, indent=2) + "\n"
+    files[paths["md"]] = render_markdown(report, plots)
+    files[paths["html"]] = render_html(report, plots)  # last: the page a reader opens
+    write_files(files)
     for plot in plots:
         paths[plot["id"]] = out / plot["file"]
     return paths

@@ -28,11 +28,9 @@ input later are picked up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -42,18 +40,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from prefalign.data.sources import load_rows
-from prefalign.errors import DataError
+from prefalign.errors import DataError, atomic_file, writing
+from prefalign.text import printable
 
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Below this a column holds two or three words per line and is harder to read than a stack.
 MIN_COLUMN = 20
 GUTTER = " | "
 PROGRESS_SUFFIX = ".progress.json"
+KEPT = " (the decisions recorded before are kept: the same command continues)"
 PROGRESS_FORMAT = "prefalign-annotate/1"
 _SEPARATORS = ",>"  # and whitespace
 # Generated text may contain escape sequences that would move the cursor or recolour the
-# screen; tab and newline are handled by the wrapping instead.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# screen: control characters are shown as "?"; tab and newline are handled by the wrapping.
 _CLEAR = "\x1b[H\x1b[2J"
 HELP = """\
 Type the labels of all candidates from best to worst, e.g. "C A B D" (spaces, commas or
@@ -180,7 +179,7 @@ def layout(candidates: tuple[str, ...] | list[str], width: int) -> list[str]:
 
 def wrap(text: str, width: int) -> list[str]:
     """Lines of at most `width` characters; newlines and each line's indentation are kept."""
-    text = _CONTROL.sub("?", text.replace("\r\n", "\n").expandtabs(4))
+    text = printable(text.replace("\r\n", "\n").expandtabs(4), keep="\n", replace="?")
     if not text.strip():
         return ["(empty)"]
     lines: list[str] = []
@@ -194,7 +193,8 @@ def wrap(text: str, width: int) -> list[str]:
 
 def render_item(item: Item, position: int, total: int, width: int, status: str = "") -> list[str]:
     """The screen of one item: progress, prompt, candidates and a note on identical texts."""
-    lines = [f"item {position + 1}/{total}   ({item.origin}{status})", "", "PROMPT"]
+    lines = [f"item {position + 1}/{total}   ({printable(item.origin, keep='')}{status})", "",
+             "PROMPT"]
     prompt = item.prompt if isinstance(item.prompt, str) else "\n".join(
         f"{m['role']}: {m['content']}" for m in item.prompt)
     lines += [f"  {line}" for line in wrap(prompt, max(width - 2, 1))]
@@ -295,19 +295,10 @@ def all_pairs(items: list[Item], decisions: list[dict]) -> list[dict]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # A rename replaces the file whole, so a reader (or a crash) never sees half of it.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    # A rename replaces the file whole, so a reader (or a crash) never sees half of it; a
+    # full disk or read-only folder leaves the earlier file and no temp file behind.
+    with atomic_file(path, "w", KEPT, "--output") as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # the rename survives a power cut once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---- the session ----------------------------------------------------------------------------
@@ -326,7 +317,8 @@ def annotate(input_path: str | os.PathLike, output_path: str | os.PathLike,
     items = read_items(input_path)
     output = Path(output_path)
     progress = Path(str(output) + PROGRESS_SUFFIX)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with writing(output, KEPT, "--output"):
+        output.parent.mkdir(parents=True, exist_ok=True)
     decisions = load_progress(progress, output, items)
     input_name = str(input_path)
     save(output, progress, items, decisions, input_name)
@@ -420,7 +412,8 @@ def _summary(items, decisions) -> Summary:
 
 def _closing(items, decisions, output) -> str:
     s = _summary(items, decisions)
-    counts = f"{s.ranked} ranked, {s.skipped} skipped; {_count(s.pairs, 'pair')} in {output}"
+    counts = (f"{s.ranked} ranked, {s.skipped} skipped; {_count(s.pairs, 'pair')} in "
+              f"{printable(str(output), keep='')}")
     if s.finished:
         return f"done: {_count(s.items, 'item')} ({counts})"
     return (f"progress saved: {len(decisions)} of {s.items} items done ({counts}); "

@@ -24,6 +24,7 @@ the same command, without duplicating or losing rows.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -73,8 +74,11 @@ class Journal:
         """Prepare the files; returns the committed records by item index."""
         with writing(self.log, COMMITTED_KEPT, "--output"):
             records = self._recover() if self.log.exists() else self._start()
-            self.handles = {name: open(path, "ab") for name, path in self.files.items()}
-            self.handles["_log"] = open(self.log, "ab")
+            # Unbuffered: a write the full disk refused is not retried by a later flush or
+            # close, which would raise again outside this `writing`.
+            self.handles = {name: open(path, "ab", buffering=0)
+                            for name, path in self.files.items()}
+            self.handles["_log"] = open(self.log, "ab", buffering=0)
         return {r["index"]: r for r in records}
 
     def _start(self) -> list[dict]:
@@ -161,8 +165,12 @@ class Journal:
 
 
 def _write_synced(handle: Any, data: bytes) -> None:
-    handle.write(data)
-    handle.flush()
+    view = memoryview(data)
+    while view:  # an unbuffered write may take part of the bytes; the next one says why
+        written = handle.write(view)
+        if not written:
+            raise OSError(errno.EIO, "the file took no bytes")
+        view = view[written:]
     os.fsync(handle.fileno())
 
 
@@ -381,12 +389,14 @@ DESCRIPTION = ("Sample N candidates per prompt, score them with a scorer or rewa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefalign.data.chat import add_chat_arguments
+    from prefalign.hub import DOWNLOAD_HELP
     from prefalign.preferences.scorer_spec import SCORER_HELP
 
     add = parser.add_argument
     add("--model", required=True, help="policy to sample from: model or adapter directory")
     add("--data", required=True, help="prompts: rows with prompt or messages (or preference rows)")
     add("--scorer", required=True, help=SCORER_HELP)
+    add("--allow-download", action="store_true", help=DOWNLOAD_HELP)
     add("--output", required=True, help="JSONL of preference pairs")
     add("--num-candidates", type=int, default=4, help="candidates per prompt (default: 4)")
     add("--max-new-tokens", type=int, default=128, help="tokens per candidate (default: 128)")

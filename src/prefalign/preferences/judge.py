@@ -19,16 +19,28 @@ up to --retries more times (sampling at --retry-temperature), then recorded as u
 every raw answer: a ranking is never guessed. A judged item writes every pair its ranking
 implies (source "judge:MODEL", rank_chosen/rank_rejected counting from 1 = best), as
 annotate does; OUTPUT.judgments.jsonl records each item's status, ranking and raw answers.
-Network errors, 429 and 5xx are retried with exponential backoff; other HTTP errors stop
-the run. Progress is committed per batch (best_of_n.Journal): the same command continues.
+Each request is bounded by --timeout seconds in all (connect, send, every read) and by
+--max-response-bytes of reply. Network errors, a reply cut short or too slow, 429 and 5xx are
+retried with exponential backoff; other HTTP errors, and a connection still refused, stop the
+run. A request that still fails, or whose reply is too large or not a chat-completions
+response, leaves its item unjudged with the reason (one warning line) and the run goes on;
+when every item of a batch fails before any reply was usable, the endpoint is at fault and
+the run stops, recording nothing for that batch. Server text in messages has its control
+characters escaped, and the key is replaced by [redacted] in whatever is stored or printed;
+stored answers are cut to 4000 characters with a marker.
+Progress is committed per batch (best_of_n.Journal): the same command continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
+import socket
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -41,6 +53,7 @@ from typing import Any
 
 from prefalign.errors import ConfigError, DataError, PrefalignError
 from prefalign.preferences.best_of_n import Journal, check_committed, item_key, sidecar
+from prefalign.text import printable
 
 DEFAULT_TEMPLATE = """\
 Rank the {n} candidate responses to the prompt below from best to worst.
@@ -149,16 +162,129 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class ReplyFault(PrefalignError):
+    """One item's request got no usable reply (cut short, too slow, too large, not JSON):
+    the item is recorded as unjudged with this reason, and the run goes on."""
+
+
+class NoAnswer(str):
+    """Stands in for the answer of an item whose request failed; the text is the reason."""
+
+
+class _Deadline:
+    """One time limit for a whole request: connect, send and every read together.
+
+    A socket timeout bounds each read alone, so a server sending a byte a second would hold a
+    request forever. A timer shuts the request's sockets down at the deadline instead, which
+    ends whatever read or write is waiting on them.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:  # the plain socket's shutdown: an SSL socket's own would race its reader
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def handlers(self) -> list[urllib.request.BaseHandler]:
+        """urllib handlers whose connections (to the endpoint or a proxy) obey the deadline."""
+        deadline = self
+
+        def bounded(base: type) -> type:
+            class Connection(base):  # type: ignore[misc, valid-type]
+                def __init__(self, *args, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    create = self._create_connection
+                    self._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+
+                def connect(self):
+                    super().connect()
+                    deadline.watch(self.sock)  # the TLS socket, once wrapped
+
+            return Connection
+
+        class Http(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(bounded(http.client.HTTPConnection), req)
+
+        class Https(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(bounded(http.client.HTTPSConnection), req,
+                                    context=self._context)
+
+        return [Http(), Https()]
+
+
+# Env var names by convention are upper case; a lower-case or punctuated value of
+# --api-key-env that names no set variable is most likely the key itself.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+MAX_RESPONSE_BYTES = 1 << 20
+# Raw answers are kept for inspection; a ranking needs a few hundred characters.
+MAX_STORED_ANSWER = 4000
+
+
+def stored_answer(answer: str, limit: int = MAX_STORED_ANSWER) -> str:
+    """`answer` as judgments.jsonl keeps it: cut to `limit` characters with a marker."""
+    if len(answer) <= limit:
+        return answer
+    return answer[:limit] + f"...[cut: {len(answer)} characters in all]"
+
+
 class HttpJudge:
-    """An OpenAI-compatible chat-completions endpoint; the key stays in this object only."""
+    """An OpenAI-compatible chat-completions endpoint; the key stays in this object only.
+
+    Each request is bounded by `timeout` seconds in all and `max_response_bytes` of reply.
+    Network errors, a reply cut short, the time limit, 429 and 5xx are retried with backoff.
+    A refused connection after the retries, or another HTTP error, stops the run
+    (PrefalignError); any other failure of one request is a ReplyFault, and the item becomes
+    a NoAnswer, unless every item of a call fails before any reply was usable: then the
+    endpoint, not the items, is at fault and the run stops.
+    """
 
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, network_retries: int = 5, backoff: float = 1.0,
                  max_new_tokens: int = 256, temperature: float = 0.0,
-                 retry_temperature: float = 0.7, workers: int = 4):
+                 retry_temperature: float = 0.7, workers: int = 4,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"judge URL {url!r}: give http(s)://host:port/v1")
+            raise ConfigError(f"judge URL {printable(repr(url))}: give http(s)://host:port/v1")
+        if not timeout > 0 or network_retries < 0 or max_response_bytes < 1:
+            raise ConfigError(f"need --timeout > 0, --network-retries >= 0 and "
+                              f"--max-response-bytes >= 1, got {timeout}, {network_retries}, "
+                              f"{max_response_bytes}")
+        if api_key_env not in os.environ and not _ENV_NAME.fullmatch(api_key_env):
+            raise ConfigError("--api-key-env takes the NAME of an environment variable, not "
+                              "the key: no variable of the name given is set, and it does not "
+                              "look like one (A-Z, 0-9, _); the value is not shown. Export the "
+                              "key, e.g. MY_KEY=..., and pass --api-key-env MY_KEY")
         # Credentials written into the URL are left out of anything recorded.
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
         self.endpoint = f"{parts.scheme}://{host}{parts.path.rstrip('/')}/chat/completions"
@@ -171,41 +297,108 @@ class HttpJudge:
         self.timeout, self.network_retries, self.backoff = timeout, network_retries, backoff
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.retry_temperature, self.workers = retry_temperature, workers
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self.max_response_bytes = max_response_bytes
+        self.replies = 0  # usable replies so far
 
     def __repr__(self) -> str:
         return f"HttpJudge({self.endpoint!r}, {self.name!r})"
 
     def __call__(self, texts: list[str], attempt: int) -> list[str]:
         temperature = self.temperature if attempt == 0 else self.retry_temperature
+
+        def ask(text: str) -> str:
+            try:
+                answer = self.complete(text, temperature)
+            except ReplyFault as e:
+                return NoAnswer(str(e))
+            self.replies += 1
+            return answer
+
         with ThreadPoolExecutor(max(1, min(self.workers, len(texts)))) as pool:
-            return list(pool.map(lambda t: self.complete(t, temperature), texts))
+            answers = list(pool.map(ask, texts))
+        if answers and not self.replies and all(isinstance(a, NoAnswer) for a in answers):
+            raise PrefalignError(f"{answers[0]}; every request so far failed, so the endpoint "
+                                 "is at fault, not the items: nothing was recorded for them. "
+                                 "Check the server and --judge-url, then run the same "
+                                 "command again")
+        return answers
 
     def complete(self, text: str, temperature: float) -> str:
+        """The answer to one prompt; ReplyFault or PrefalignError (see the class doc)."""
         body = json.dumps({"model": self.name, "temperature": temperature,
                            "max_tokens": self.max_new_tokens,
                            "messages": [{"role": "user", "content": text}]}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        last, retry_after = "", None
+        last, retry_after, refused = "", None, False
         for attempt in range(self.network_retries + 1):
             if attempt:
                 time.sleep(self._delay(attempt, retry_after))
             request = urllib.request.Request(self.endpoint, data=body, headers=headers,
                                              method="POST")
             try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    return self._content(response.read())
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    raise PrefalignError(self._redact(self._refusal(e))) from None
-                last, retry_after = f"HTTP {e.code}", e.headers.get("Retry-After") if e.headers \
-                    else None
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                last, retry_after = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
-        raise PrefalignError(self._redact(f"judge {self.endpoint}: no answer after "
-                                          f"{self.network_retries + 1} tries (last: {last})"))
+                return self._content(self._post(request))
+            except _Retry as e:
+                last, retry_after, refused = e.reason, e.retry_after, e.refused
+        tries = self.network_retries + 1
+        message = (f"judge {self.endpoint}: no answer after {tries} "
+                   f"{'try' if tries == 1 else 'tries'} (last: {self._shown(last)})")
+        if refused:  # nothing listens there: no other item would fare better
+            raise PrefalignError(message)
+        raise ReplyFault(message)
+
+    def _post(self, request: urllib.request.Request) -> bytes:
+        """One request within the time limit: the reply's body; _Retry for what a retry may
+        mend, PrefalignError for an HTTP refusal, ReplyFault for a reply over the cap."""
+        deadline = _Deadline(self.timeout)
+        opener = urllib.request.build_opener(_NoRedirect, *deadline.handlers())
+        try:
+            with deadline:
+                try:
+                    with opener.open(request, timeout=self.timeout) as response:
+                        raw = self._read(response)
+                except urllib.error.HTTPError as e:
+                    if e.code != 429 and e.code < 500:
+                        raise PrefalignError(self._refusal(e)) from None
+                    raise _Retry(f"HTTP {e.code}",
+                                 e.headers.get("Retry-After") if e.headers else None) from None
+        except (_Cut, urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            if deadline.expired:  # the shut-down socket reads as a closed connection
+                raise _Retry(f"no complete reply within --timeout {self.timeout:g} s") from None
+            if isinstance(e, _Cut):
+                raise _Retry(f"the reply was cut short ({e})") from None
+            reason = getattr(e, "reason", e)
+            raise _Retry(f"{type(reason).__name__}: {reason}", refused=isinstance(
+                reason, (ConnectionRefusedError, socket.gaierror))) from None
+        if deadline.expired:  # a body without Content-Length ends where the socket was shut
+            raise _Retry(f"no complete reply within --timeout {self.timeout:g} s")
+        return raw
+
+    def _read(self, response: Any) -> bytes:
+        """The body, at most max_response_bytes; ReplyFault above, _Cut when it ends early."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        declared = int(declared) if declared.strip().isdigit() else None
+        if declared is not None and declared > cap:
+            raise self._too_large(f"{declared} bytes announced")
+        chunks, size = [], 0
+        while True:
+            chunk = response.read(min(1 << 16, cap + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                raise self._too_large("more was sent")
+        if declared is not None and size < declared:
+            raise _Cut(f"{size} of {declared} bytes announced")
+        return b"".join(chunks)
+
+    def _too_large(self, detail: str) -> ReplyFault:
+        return ReplyFault(f"judge {self.endpoint}: reply over --max-response-bytes "
+                          f"{self.max_response_bytes} ({detail}); raise it if the server's "
+                          "answers are that long")
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         """Exponential backoff; a numeric Retry-After of a 429/503 wins, capped at 60 s."""
@@ -216,26 +409,48 @@ class HttpJudge:
 
     def _refusal(self, error: urllib.error.HTTPError) -> str:
         try:
-            detail = error.read().decode("utf-8", "replace").strip().splitlines()[0][:200]
-        except (OSError, IndexError):
+            raw = error.read(4096).decode("utf-8", "replace")
+            detail = raw.strip().splitlines()[0][:200]
+        except (OSError, IndexError, http.client.HTTPException):
             detail = ""
         hint = ""
         if error.code in (401, 403):
             hint = (f" (check the key in ${self.api_key_env})" if self._key else
                     f" (${self.api_key_env} is not set; set it to the API key)")
-        return (f"judge {self.endpoint}: HTTP {error.code} {error.reason}{hint}"
-                + (f": {detail}" if detail else ""))
+        return (f"judge {self.endpoint}: HTTP {error.code} {self._shown(str(error.reason))}"
+                f"{hint}" + (f": {self._shown(detail)}" if detail else ""))
 
     def _content(self, raw: bytes) -> str:
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
+        except RecursionError:
+            raise ReplyFault(f"judge {self.endpoint}: reply nested too deeply to read "
+                             f"({len(raw)} bytes)") from None
         except (ValueError, KeyError, IndexError, TypeError):
-            raise PrefalignError(self._redact(
-                f"judge {self.endpoint}: not a chat-completions response: {raw[:200]!r}")) from None
-        return content if isinstance(content, str) else ""
+            raise ReplyFault(f"judge {self.endpoint}: not a chat-completions response: "
+                             f"{self._shown(raw[:200].decode('utf-8', 'replace'))}") from None
+        return self.redact(content) if isinstance(content, str) else ""
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def redact(self, text: str) -> str:
+        """`text` with every occurrence of the API key replaced by [redacted]."""
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+    def _shown(self, text: str) -> str:
+        """Server text for a console line: the key redacted, control characters escaped."""
+        return printable(self.redact(text), keep="")
+
+
+class _Cut(Exception):
+    """The connection closed before the body announced by Content-Length was complete."""
+
+
+class _Retry(Exception):
+    """A failed request that a retry may mend: a network error, a reply cut short or too
+    slow, a 429 or 5xx. `refused`: nothing accepted the connection."""
+
+    def __init__(self, reason: str, retry_after: str | None = None, refused: bool = False):
+        super().__init__(reason)
+        self.reason, self.retry_after, self.refused = reason, retry_after, refused
 
 
 # ---- judging a file -----------------------------------------------------------------------
@@ -324,10 +539,11 @@ def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> l
                 first.setdefault(text, i)
         ident = {"id": item["id"]} if item["id"] is not None else {}
         records.append({"origin": item["origin"], **ident, "judge": judge.name,
-                        "status": "unjudged", "ranking": None, "shown": sorted(first.values()),
-                        "answers": [], "errors": []})
+                        "status": "unjudged", "reason": None, "ranking": None,
+                        "shown": sorted(first.values()), "answers": [], "errors": []})
         if len(first) < 2:
-            records[-1].update(status="skipped", errors=["fewer than 2 distinct candidates"])
+            records[-1].update(status="skipped", reason="fewer than 2 distinct candidates",
+                               errors=["fewer than 2 distinct candidates"])
     pending = [k for k, r in enumerate(records) if r["status"] == "unjudged"]
     for attempt in range(retries + 1):
         if not pending:
@@ -342,16 +558,31 @@ def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> l
         still = []
         for k, answer in zip(pending, answers):
             record = records[k]
-            record["answers"].append(answer)
+            if isinstance(answer, NoAnswer):  # the request failed: asking again would too
+                record["errors"].append(str(answer))
+                record["reason"] = str(answer)
+                _warn(f"{printable(str(record['origin']), keep='')}: recorded as unjudged: "
+                      f"{printable(answer, keep='')}")
+                continue
+            record["answers"].append(stored_answer(answer))
             try:
                 order = parse_ranking(answer, len(record["shown"]))
             except ValueError as e:
                 record["errors"].append(str(e))
+                record["reason"] = str(e)
                 still.append(k)
                 continue
             record["status"], record["ranking"] = "judged", [record["shown"][i] for i in order]
+            record["reason"] = None
         pending = still
     return records
+
+
+def _warn(message: str) -> None:
+    """One line on stderr that a progress bar on the same terminal does not tear."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def pair_rows(item: dict, record: dict, judge_name: str) -> list[dict]:
@@ -377,6 +608,7 @@ DESCRIPTION = ("Rank each prompt's candidates with a judge model (a local causal
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefalign.data.chat import add_chat_arguments
+    from prefalign.hub import DOWNLOAD_HELP
 
     add = parser.add_argument
     add("--input", required=True, help="rows with prompt and candidates (generate "
@@ -384,10 +616,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", required=True, help="JSONL of preference pairs")
     add("--judge-model", required=True, help="local model directory, or with --judge-url the "
         "model name the endpoint serves")
+    add("--allow-download", action="store_true", help=DOWNLOAD_HELP)
     add("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
         "(default: run --judge-model locally)")
-    add("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API "
-        "key, sent as a Bearer token (default: OPENAI_API_KEY; unset: no Authorization header)")
+    add("--api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable "
+        "holding the API key (never the key itself), sent as a Bearer token (default: "
+        "OPENAI_API_KEY; unset: no Authorization header)")
     add("--template", help="ranking prompt file with {prompt}, {candidates} (numbered 0..N-1) "
         "and {n} (default: a built-in prompt)")
     add("--retries", type=int, default=2, help="asks after a malformed answer before an item is "
@@ -399,7 +633,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 0.7)")
     add("--batch-size", type=int, default=8, help="items judged together (default: 8)")
     add("--workers", type=int, default=4, help="concurrent HTTP requests (default: 4)")
-    add("--timeout", type=float, default=60.0, help="seconds per HTTP request (default: 60)")
+    add("--timeout", type=float, default=60.0, help="seconds per HTTP request in all: "
+        "connecting, sending and reading the whole reply (default: 60)")
+    add("--max-response-bytes", type=int, default=MAX_RESPONSE_BYTES, help="largest reply "
+        "read from the endpoint; a larger one leaves its item unjudged (default: 1048576)")
     add("--network-retries", type=int, default=5, help="retries after a network error, 429 or "
         "5xx, with exponential backoff (default: 5)")
     add("--seed", type=int, default=0, help="seed of sampled retries of a local judge (default: 0)")
@@ -416,7 +653,7 @@ def load_judge(args: argparse.Namespace) -> LocalJudge | HttpJudge:
         return HttpJudge(args.judge_url, args.judge_model, args.api_key_env, args.timeout,
                          args.network_retries, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, retry_temperature=args.retry_temperature,
-                         workers=args.workers)
+                         workers=args.workers, max_response_bytes=args.max_response_bytes)
     if not Path(args.judge_model).is_dir():
         raise ConfigError(f"--judge-model {args.judge_model}: no such model directory; for a "
                           "served model also give --judge-url")
@@ -429,5 +666,5 @@ def run(args: argparse.Namespace) -> int:
     report = judge_preferences(args.input, args.output, load_judge(args), template,
                                retries=args.retries, batch_size=args.batch_size,
                                judgments=args.judgments)
-    print(report.format())
+    print(printable(report.format(), keep=""))  # paths as the user typed them
     return 0

@@ -44,7 +44,7 @@ from typing import Any
 
 from prefalign.data.formats import normalize_rows
 from prefalign.data.sources import load_rows
-from prefalign.errors import ConfigError, DataError
+from prefalign.errors import ConfigError, DataError, write_files, writing
 
 MODES = ("column", "repeat")
 OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".json")  # all read back as JSON lines
@@ -160,9 +160,17 @@ def merge_preferences(
         for entry in part:
             info = report.inputs[entry.input]
             setattr(info, name, getattr(info, name) + 1)
-    report.train_rows = _write(output, train)
+    text, report.train_rows = _lines(train)
+    files, flags = {output: text}, {output: "--output"}
     if val_file is not None:
-        report.val_rows = _write(val_file, val)
+        files[val_file], report.val_rows = _lines(val)
+        flags[val_file] = "--val-output"
+    # Both files or neither: a train file from this merge beside a val file from an
+    # earlier one would share rows.
+    for path in files:
+        with writing(path, flag=flags[path]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    write_files(files, flag=flags)
     return report
 
 
@@ -204,6 +212,9 @@ def _entry(example: dict, index: int, weight: float, mode: str, stem: str) -> _E
     row = {key: example[key] for key in ("prompt", "chosen", "rejected")}
     row["source"] = example.get("source", stem)
     row["weight"] = own * weight if mode == "column" else own
+    if not math.isfinite(row["weight"]):  # 1e308 * 10: JSON has no Infinity to write
+        raise DataError(f"{example['origin']}: weight {own:g} times the input's weight "
+                        f"{weight:g} overflows to {row['weight']}; scale the weights down")
     for key in ("margin", "id"):
         if key in example:
             row[key] = example[key]
@@ -247,20 +258,17 @@ def _split(entries: list[_Entry], fraction: float, seed: int, column: str | None
     return chosen
 
 
-def _write(path: Path, entries: list[_Entry]) -> int:
-    """Write JSON lines through a temporary file, so a failure leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    lines = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for entry in entries:
-            line = json.dumps(entry.row, ensure_ascii=False) + "\n"
-            if not line.isascii():
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
-                    line = json.dumps(entry.row) + "\n"
-            f.write(line * entry.copies)
-            lines += entry.copies
-    os.replace(tmp, path)
-    return lines
+def _lines(entries: list[_Entry]) -> tuple[str, int]:
+    """The JSON lines of `entries`, each repeated `copies` times -> (text, line count)."""
+    out, lines = [], 0
+    for entry in entries:
+        # allow_nan=False: never write Infinity or NaN, which are not JSON.
+        line = json.dumps(entry.row, ensure_ascii=False, allow_nan=False) + "\n"
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+                line = json.dumps(entry.row, allow_nan=False) + "\n"
+        out.append(line * entry.copies)
+        lines += entry.copies
+    return "".join(out), lines

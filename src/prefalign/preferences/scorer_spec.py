@@ -22,7 +22,8 @@ A trailing ":NUMBER" is always a weight (no Python name starts with a digit, so
 module:function stays unambiguous). A value that starts with ' or " runs to the matching
 quote (no escapes inside); quote a value holding a comma or an unbalanced parenthesis,
 e.g. regex(pattern='^\\d{1,3}$'). A term (or whole spec) naming an existing directory is
-a reward model, whatever characters its path holds.
+a reward model, whatever characters its path holds. A reward model's own Python code
+(`trust_remote_code`) cannot be enabled in a spec: that takes a command's explicit flag.
 
 The built-ins are listed in preferences.scorers.
 
@@ -200,6 +201,14 @@ def _build(term: Term, options: dict[str, Any]) -> Scorer:
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise ConfigError(f"scorer {target!r} is a directory but not a model (no "
                               "config.json); give a reward model saved by prefalign")
+        if "trust_remote_code" in term.params:
+            # Model code runs only behind a command's own flag, never through a spec, which
+            # can come from a config, a recipe or a data pipeline the user did not write.
+            raise ConfigError(f"scorer {term.text!r}: trust_remote_code cannot be set in a "
+                              "scorer spec; a reward model's own code runs only with the "
+                              "--trust-remote-code flag of a command that has one (e.g. "
+                              "prefalign score), else convert the model to a built-in "
+                              "transformers architecture")
         scorer = RewardModelScorer(str(path), **{k: _literal(v) for k, v in params.items()})
     elif ":" in target:
         return _from_import(target, {k: _literal(v) for k, v in params.items()}, term.text)

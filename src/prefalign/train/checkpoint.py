@@ -22,6 +22,7 @@ Two formats, by engine; the `format` field of trainer_state.json says which one 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefalign.errors import PrefalignError, output_error, writing
+from prefalign.errors import PrefalignError, disk_error, output_error, writing
 
 STATE_FILE = "trainer_state.json"
 TEMP_PREFIX = ".step-"  # checkpoints are written under this name, then renamed to step-N
@@ -84,13 +85,16 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step:07d}-", dir=root))
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         for rank, state in enumerate(rng_states or [rng_state()]):
-            torch.save(state, tmp / _rng_file(rank))
-    except OSError as exc:
+            _save_torch(state, tmp / _rng_file(rank))
+    except Exception as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what a full disk let us write
-        raise output_error(root / f"step-{step:07d}", exc, KEPT) from None
+        error = disk_error(exc)  # safetensors raises SafetensorError for a full disk
+        if error is None:
+            raise
+        raise output_error(root / f"step-{step:07d}", error, KEPT) from None
     return _complete(root, tmp, step, scheduler, {**trainer_state, "format": SAFETENSORS}, keep)
 
 
@@ -120,16 +124,19 @@ def _complete(root: Path, tmp: Path, step: int, scheduler: Any, trainer_state: d
     """Add scheduler and trainer state to `tmp`, rename it to step-N, delete old ones."""
     final = root / f"step-{step:07d}"
     try:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}), "utf-8")
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise output_error(final, exc, KEPT) from None
+        error = disk_error(exc)
+        if error is None:
+            raise
+        raise output_error(final, error, KEPT) from None
     for old in list_checkpoints(root)[:-keep] + _stale_temps(root):
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -166,6 +173,48 @@ def replaced_whole(directory: Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class _Writer:
+    """An unbuffered file for torch.save that keeps the OSError of a failed write.
+
+    torch.save to a path reports a full disk as RuntimeError("... unexpected pos 576 vs
+    534"), without the reason; through this object the write's own OSError (ENOSPC, EROFS)
+    is kept and raised instead. Writes loop until every byte is out, since a raw write may
+    take only part of it.
+    """
+
+    def __init__(self, handle: Any):
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                written = self.handle.write(view[done:])
+                if not written:
+                    raise OSError(errno.EIO, "the file took no bytes")
+                done += written
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass  # unbuffered; the caller fsyncs the file
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    """torch.save(obj, path); a failed write raises its OSError (see _Writer)."""
+    with open(path, "wb", buffering=0) as handle:
+        writer = _Writer(handle)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def _rng_file(rank: int) -> str:
@@ -269,6 +318,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore a "safetensors" checkpoint: weights, optimizer, scheduler and this process's
     RNG (rank R reads rng-R.pt, or rng.pt when the run had fewer processes)."""
     state = _expect_format(path, SAFETENSORS)
+    problem = _safetensors_problem(path / "trainable.safetensors")
+    if problem is not None:
+        raise PrefalignError(f"checkpoint {path}: {problem}; resume from an intact checkpoint")
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -276,15 +328,57 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise PrefalignError(f"checkpoint {path} does not match this model "
                              f"(e.g. {(missing or sorted(set(weights) - set(params)))[0]}); "
                              "resume with the same model and LoRA settings")
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise PrefalignError(_shape_mismatch(path, name, tuple(value.shape),
+                                                 tuple(params[name].shape)))
+    # Everything is read and checked before the model, optimizer or RNG changes.
+    rng = path / _rng_file(rank)
+    optimizer_state = _read_state(path / "optimizer.pt")
+    scheduler_state = _read_state(path / "scheduler.pt")
+    rng_state = _read_state(rng if rng.is_file() else path / "rng.pt")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    # Only tensors, numbers and strings are in these files: refuse anything else.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = path / _rng_file(rank)
-    set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PrefalignError(f"checkpoint {path}/optimizer.pt does not fit this run's optimizer "
+                             f"({str(exc).splitlines()[0]}); resume with the same model and "
+                             "settings") from None
+    scheduler.load_state_dict(scheduler_state)
+    set_rng_state(rng_state)
     return state
+
+
+def _shape_mismatch(path: Path, name: str, saved: tuple, model: tuple) -> str:
+    """The one-line error for a checkpoint tensor whose shape is not the model's; for LoRA
+    factors (A: r x in, B: out x r) it names both ranks."""
+    rank_axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+    if rank_axis is not None and len(saved) == len(model) == 2:
+        return (f"checkpoint {path} holds LoRA rank {saved[rank_axis]} ({name}: {list(saved)}) "
+                f"but this run's model has rank {model[rank_axis]} (lora_r); resume with "
+                f"lora_r {saved[rank_axis]}, or start a new run for rank {model[rank_axis]}")
+    return (f"checkpoint {path} does not match this model: {name} has shape {list(saved)} "
+            f"there and {list(model)} here; resume with the same model and settings")
+
+
+def _read_state(file: Path) -> Any:
+    """torch.load(file) of a checkpoint's optimizer, scheduler or RNG state. weights_only:
+    only tensors, numbers, strings and containers of them are read; a pickle of any other
+    object is refused unread, since unpickling it could run code."""
+    # torch raises pickle.UnpicklingError for it; named through torch, so that this module
+    # imports no unpickler of its own.
+    refused = torch.serialization.pickle.UnpicklingError
+    try:
+        return torch.load(file, weights_only=True)
+    except refused:
+        raise PrefalignError(f"checkpoint file {file} holds objects other than tensors, numbers "
+                             "and strings; refused without unpickling them (that could run "
+                             "code): resume from a checkpoint prefalign wrote") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise PrefalignError(f"checkpoint file {file} cannot be read ({str(exc).splitlines()[0]}); "
+                             "resume from an intact checkpoint") from None
 
 
 def load_sharded_checkpoint(path: Path, accelerator: Any, scheduler: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefalign.config import option, require
+from prefalign.hub import DOWNLOAD_HELP
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -95,6 +96,7 @@ class TrainConfig:
         False, "render text rows (prompt/completion strings, HH transcripts) as user/assistant "
         "turns with the chat template; off = plain text, as TRL")
     trust_remote_code: bool = option(False, "allow model code from the model directory to run")
+    allow_download: bool = option(False, DOWNLOAD_HELP)
 
     def validate(self) -> None:
         require(bool(self.model), "model", "is required (--model DIR)")

@@ -46,7 +46,8 @@ RUN_PATTERNS = (re.compile(r"^round-\d+$"), re.compile(r"^\.final(-merged)?\.(tm
 # evaluates and saves, where it reports, or how it spends memory, never what it computes.
 SAFE_ON_RESUME = frozenset({"logging_steps", "eval_steps", "save_steps", "save_total_limit",
                             "report_to", "output_dir", "resume", "resume_from", "overwrite",
-                            "gradient_checkpointing", "logps_chunk_size", "trust_remote_code"})
+                            "gradient_checkpointing", "logps_chunk_size", "trust_remote_code",
+                            "allow_download"})
 # Keys that may grow on resume (train longer), never shrink.
 GROW_ON_RESUME = frozenset({"max_steps", "epochs"})
 
