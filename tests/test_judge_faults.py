@@ -13,7 +13,7 @@ import pytest
 from helpers import write_jsonl
 from prefalign.cli import main
 from prefalign.preferences.annotate import annotate
-from prefalign.preferences.judge import MAX_STORED_ANSWER, HttpJudge, ReplyFault
+from prefalign.preferences.http_judge import MAX_STORED_ANSWER, HttpJudge, ReplyFault
 from prefalign.text import printable
 
 KEY = "sk-test-5b2e8d41-DO-NOT-LEAK"

@@ -16,7 +16,8 @@ from prefalign.algorithms.dpo import DPOConfig, run_dpo
 from prefalign.algorithms.kto import KTOConfig, run_kto
 from prefalign.algorithms.ppo import PPOConfig, run_ppo
 from prefalign.algorithms.sft import SFTConfig, run_sft
-from prefalign.lora import apply_lora, lora_layers, stack_factors
+from prefalign.lora import apply_lora, lora_layers
+from prefalign.lora_stack import stack_factors
 from prefalign.models import load_causal_lm, save_policy
 
 peft = pytest.importorskip("peft")

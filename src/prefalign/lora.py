@@ -12,10 +12,7 @@ written by PEFT load here. The reference model of DPO/PPO is the same model insi
 
 Stacked stages (an SFT adapter, then DPO on top, then PPO): models.load_causal_lm merges an
 adapter into its base and keeps its factors (`MergedAdapters`), so the next stage's adapter
-is saved as one exact combined adapter over the true (non-adapter) base. LoRA updates add,
-so their ranks concatenate:  sum_i s_i B_i A_i = B' A'  with  A' = [A_1; A_2; ...] (rows),
-B' = [s_1 B_1, s_2 B_2, ...] (columns), r' = sum_i r_i and lora_alpha = r' (scaling 1).
-A module one stage did not adapt gets zero blocks in that stage's rows and columns.
+is saved as one exact combined adapter over the true (non-adapter) base (lora_stack.py).
 """
 
 from __future__ import annotations
@@ -32,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from prefalign.lora_stack import Factors, MergedAdapters, stack_factors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -382,23 +381,6 @@ def save_adapter(
     return directory
 
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class MergedAdapters:
-    """LoRA updates that a model's weights already hold (models.load_causal_lm merged them).
-
-    base: the model the updates apply to, itself not an adapter (a directory or hub id).
-    stages: one {module name: (A (r, in), B * scaling (out, r))} per merged adapter, oldest
-    first, float32 on the CPU. Kept on the model as `model.merged_adapters` so that
-    `save_adapter` writes the next stage as one adapter over `base` that PEFT loads alone.
-    """
-
-    base: str
-    stages: tuple[Factors, ...]
-
-
 def layer_factors(model: nn.Module) -> Factors:
     """{module name: (A (r, in), B * scaling (out, r))} of every LoRA layer: float32 CPU
     copies, so that B @ A is the layer's update in the (out, in) layout of nn.Linear."""
@@ -408,25 +390,6 @@ def layer_factors(model: nn.Module) -> Factors:
         b = (layer.lora_B.weight.detach().float() * layer.scaling).cpu()
         out[name] = (a, b)
     return out
-
-
-def stack_factors(stages: Sequence[Factors]) -> tuple[int, Factors]:
-    """One rank-r' adapter with scaling 1 equal to the sum of `stages` (see module docstring).
-
-    Returns (r', {module name: (A' (r', in), B' (out, r'))}) over the union of the stages'
-    modules; every stage's rank block is zero where that stage did not adapt the module.
-    """
-    ranks = [next(iter(stage.values()))[0].shape[0] for stage in stages]
-    shapes = {name: (a.shape[1], b.shape[0]) for stage in stages for name, (a, b) in stage.items()}
-    stacked = {}
-    for name, (in_f, out_f) in shapes.items():
-        blocks_a, blocks_b = [], []
-        for r, stage in zip(ranks, stages):
-            a, b = stage.get(name, (torch.zeros(r, in_f), torch.zeros(out_f, r)))
-            blocks_a.append(a)
-            blocks_b.append(b)
-        stacked[name] = (torch.cat(blocks_a, 0).contiguous(), torch.cat(blocks_b, 1).contiguous())
-    return sum(ranks), stacked
 
 
 def _adapter_config(base: str | None, r: int, alpha: float, dropout: float, targets,
@@ -497,7 +460,7 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = True
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    from prefalign.models import safetensors_problem
+    from prefalign.safetensors_files import file_problem as safetensors_problem
 
     problem = safetensors_problem(weights_path)  # safetensors' own error names no file
     if problem is not None:

@@ -16,6 +16,7 @@ from transformers import (
 
 from prefalign.errors import PrefalignError
 from prefalign.hub import DOWNLOAD_FIX, downloads_allowed
+from prefalign.safetensors_files import file_problem as safetensors_problem
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None,
@@ -76,26 +77,6 @@ def not_found(path: str, what: str) -> PrefalignError | None:
     return PrefalignError(f"cannot load {what} from {path}: no such directory, and no model "
                           f"of that name in the local hub cache; give a local directory, "
                           f"or {DOWNLOAD_FIX}")
-
-
-def safetensors_problem(file: Path) -> str | None:
-    """Why a .safetensors file cannot be read whole (None when it can): the file is 8 bytes
-    of header length, a JSON header, then the tensors' bytes, and the header's largest end
-    offset says how long the file must be. Reads the header only."""
-    if not file.is_file():
-        return f"{file.name} is missing"
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length)) if 8 + length <= size else None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
-        return f"{file.name} has a cut or unreadable header"
-    if size != 8 + length + end:
-        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
-    return None
 
 
 def check_weight_files(directory: Path) -> None:
@@ -240,7 +221,7 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
     An adapter directory (PEFT format, e.g. the output of `prefalign sft` with LoRA) is
     loaded onto its base model and merged, so the result is the fine-tuned model itself:
     the starting point and the reference of the next stage. The merged updates stay on the
-    model as `model.merged_adapters` (lora.MergedAdapters: the true base and each adapter's
+    model as `model.merged_adapters` (lora_stack.MergedAdapters: the true base and each adapter's
     factors), so that a LoRA stage trained on it saves one adapter over the true base
     (lora.save_adapter) instead of naming this adapter directory as its base, which PEFT
     would load as base + last stage only.
@@ -257,7 +238,8 @@ def load_causal_lm(path: str, trust_remote_code: bool = False,
 def _load_causal_lm(path: str, trust_remote_code: bool, quantization: str | None,
                     chain: tuple[Path, ...]) -> PreTrainedModel:
     """load_causal_lm; `chain`: the adapter directories whose bases are being loaded."""
-    from prefalign.lora import MergedAdapters, layer_factors, load_adapter, unload_lora
+    from prefalign.lora import layer_factors, load_adapter, unload_lora
+    from prefalign.lora_stack import MergedAdapters
 
     local = Path(path)
     extra = {}

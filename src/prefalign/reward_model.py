@@ -36,6 +36,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from prefalign.errors import PrefalignError
 from prefalign.logprobs import position_ids_from_mask
 from prefalign.packing import PackedInputs, attention_bias
+from prefalign.safetensors_files import read_header
 
 
 def last_token_index(input_ids: Tensor, attention_mask: Tensor,
@@ -274,18 +275,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _safetensors_header(path: Path) -> dict:
-    """{tensor name: {dtype, shape, data_offsets}} from a .safetensors file's JSON header:
-    8 bytes of little-endian length, then the header; no tensor is read."""
+    """{tensor name: {dtype, shape, data_offsets}} of a .safetensors file; no tensor is read."""
     try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if size <= 0 or size > 100_000_000:
-                raise ValueError(f"implausible header length {size}")
-            header = json.loads(handle.read(size))
+        return read_header(path)[0]
     except (OSError, ValueError) as exc:
         raise PrefalignError(f"cannot read the safetensors header of {path}: {exc}") from None
-    header.pop("__metadata__", None)
-    return header
 
 
 def head_shape(directory: Path) -> tuple[int, ...] | None:

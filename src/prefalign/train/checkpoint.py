@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import PrefalignError, disk_error, output_error, writing
+from prefalign.safetensors_files import file_problem as safetensors_problem
 
 STATE_FILE = "trainer_state.json"
 TEMP_PREFIX = ".step-"  # checkpoints are written under this name, then renamed to step-N
@@ -262,7 +263,7 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{STATE_FILE} has no step"
     files = [path / "scheduler.pt"]
     if state.get("format", SAFETENSORS) == SAFETENSORS:
-        problem = _safetensors_problem(path / "trainable.safetensors")
+        problem = safetensors_problem(path / "trainable.safetensors")
         if problem:
             return problem
         files += [path / "optimizer.pt", path / "rng.pt", *sorted(path.glob("rng-*.pt"))]
@@ -271,25 +272,6 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{file.name} is missing"
         if not zipfile.is_zipfile(file):
             return f"{file.name} is cut short or damaged"
-    return None
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """A safetensors file is 8 bytes of header length, a JSON header, then the tensors'
-    bytes; the header's largest end offset says how long the file must be."""
-    if not file.is_file():
-        return f"{file.name} is missing"
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length)) if 8 + length <= size else None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
-        return f"{file.name} has a cut or unreadable header"
-    if size != 8 + length + end:
-        return f"{file.name} is cut short ({size} of {8 + length + end} bytes)"
     return None
 
 
@@ -318,7 +300,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore a "safetensors" checkpoint: weights, optimizer, scheduler and this process's
     RNG (rank R reads rng-R.pt, or rng.pt when the run had fewer processes)."""
     state = _expect_format(path, SAFETENSORS)
-    problem = _safetensors_problem(path / "trainable.safetensors")
+    problem = safetensors_problem(path / "trainable.safetensors")
     if problem is not None:
         raise PrefalignError(f"checkpoint {path}: {problem}; resume from an intact checkpoint")
     weights = load_file(str(path / "trainable.safetensors"))
