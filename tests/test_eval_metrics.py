@@ -2,18 +2,23 @@
 
 import math
 
+import numpy as np
 import pytest
 
-from prefalign.evaluation.evaluate import compute_metrics
 from prefalign.evaluation.metrics import (
+    bootstrap_mean_ci,
     distinct_n,
     grouped_self_bleu,
     kl_from_samples,
+    length_controlled_win_rate,
+    logistic_fit,
+    pair_verdict,
     self_bleu,
     sentence_bleu,
     summarize,
     win_rate,
 )
+from prefalign.evaluation.summary import compute_intervals, compute_metrics
 
 
 def test_distinct_n():
@@ -129,3 +134,107 @@ def test_compute_metrics_by_hand():
     assert t["self_bleu"] == pytest.approx(1.0)
     assert t["self_bleu_per_prompt"] == 0.0
     assert t["score/mean"] is None and t["win_rate/score"] is None  # no scorer given
+
+
+# -- intervals and the judge's win rates --------------------------------------------------
+
+
+def test_bootstrap_resamples_prompts_by_hand():
+    """Three prompts of two samples: prompt sums 1+2=3, 3+4=7, 5+6=11. Resample b draws
+    prompts idx[b] (numpy's default_rng(7), one (5, 3) draw), so its mean is
+    (sum of the drawn prompts' sums) / 6; the interval is numpy's 2.5 and 97.5 percentiles."""
+    idx = np.random.default_rng(7).integers(0, 3, size=(5, 3))
+    stats = np.array([3.0, 7.0, 11.0])[idx].sum(1) / 6
+    expected = np.percentile(stats, [2.5, 97.5])
+    lo, hi = bootstrap_mean_ci([1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 2, 2], resamples=5, seed=7)
+    assert (lo, hi) == pytest.approx(tuple(expected))
+    assert lo < hi  # these five draws are not all alike
+    # Uneven prompts: prompt 0 holds one sample (0), prompt 1 three (10 each). Whole prompts
+    # move, so a resample's mean is 0 (prompt 0 twice), 10 (prompt 1 twice) or 30/4 = 7.5.
+    draws = np.random.default_rng(1).integers(0, 2, size=(1000, 2))
+    means = np.array([0.0, 30.0])[draws].sum(1) / np.array([1.0, 3.0])[draws].sum(1)
+    assert set(means.tolist()) == {0.0, 7.5, 10.0}
+    assert bootstrap_mean_ci([0, 10, 10, 10], [0, 1, 1, 1], 1000, seed=1) == pytest.approx(
+        tuple(np.percentile(means, [2.5, 97.5])))
+
+
+def test_bootstrap_constant_is_zero_width_and_shrinks_with_prompts():
+    assert bootstrap_mean_ci([0.5] * 8, [0, 0, 1, 1, 2, 2, 3, 3], 200, seed=0) == (0.5, 0.5)
+    rng = np.random.default_rng(0)
+    widths = []
+    for prompts in (20, 500):
+        values = rng.normal(size=prompts * 2)
+        lo, hi = bootstrap_mean_ci(values.tolist(), [i // 2 for i in range(prompts * 2)], 500)
+        assert lo <= values.mean() <= hi
+        widths.append(hi - lo)
+    # The width scales as 1 / sqrt(prompts): 25 times the prompts, about a fifth the width.
+    assert widths[1] < widths[0] / 3
+
+
+def test_pair_verdict():
+    """Both orders prefer the model -> 1, neither -> 0; the same position both times
+    (the verdict flips with the order) -> 1/2."""
+    assert pair_verdict(True, True) == 1.0 and pair_verdict(False, False) == 0.0
+    assert pair_verdict(True, False) == 0.5 and pair_verdict(False, True) == 0.5
+
+
+def test_logistic_fit_by_hand():
+    """x = -1: y 1,0,0,0 (rate 1/4); x = 1: y 1,1,1,0 (rate 3/4). The MLE fits each rate:
+    a - b = logit(1/4) = -ln 3, a + b = ln 3 -> a = 0, b = ln 3. With x = 0 everywhere
+    and rate 3/4 (a tie as 1/2: targets 1, 1, 1/2, 1/2), a = logit(3/4) = ln 3."""
+    x = [-1] * 4 + [1] * 4
+    y = [1, 0, 0, 0, 1, 1, 1, 0]
+    assert logistic_fit(x, y, ridge=0.0) == pytest.approx((0.0, math.log(3)), abs=1e-9)
+    a, b = logistic_fit([0.0] * 4, [1, 1, 0.5, 0.5], ridge=0.0)
+    assert a == pytest.approx(math.log(3)) and b == 0.0
+    # Separable data (every longer response wins) still gives a finite fit.
+    a, b = logistic_fit([-2, -1, 1, 2], [0, 0, 1, 1])
+    assert math.isfinite(a) and abs(a) < 1e-6 and b > 3
+
+
+def _judged(diffs, verdicts, flips=None):
+    """Baseline and model rows (one sample per prompt) whose judge verdicts are given."""
+    base = [{"prompt_index": i, "candidate": 0, "text": "b", "length": 50, "finished": True,
+             "logp": 0.0, "ref_logp": 0.0, "judge_verdict": 0.5, "judge_flip": None}
+            for i in range(len(diffs))]
+    model = [{**b, "text": "m", "length": 50 + d, "judge_verdict": v,
+              "judge_flip": None if flips is None else flips[i]}
+             for i, (b, d, v) in enumerate(zip(base, diffs, verdicts))]
+    return {"base": base, "model": model}
+
+
+def test_length_only_judge_has_lc_win_rate_one_half():
+    """Verdicts that depend on the length difference alone, P(win) = sigmoid(1.5 z), with
+    the model mostly longer: the raw win rate is well above 1/2 and its interval excludes
+    1/2; the length-controlled one contains 1/2."""
+    rng = np.random.default_rng(0)
+    diffs = np.round(rng.normal(4, 6, size=400)).astype(int)
+    z = diffs / diffs.std()
+    verdicts = (rng.random(400) < 1 / (1 + np.exp(-1.5 * z))).astype(float)
+    samples = _judged(diffs.tolist(), verdicts.tolist())
+    m = compute_metrics(samples, "base")["model"]
+    ci = compute_intervals(samples, "base", resamples=300, seed=0)["model"]
+    assert m["win_rate/judge"] > 0.6 and ci["win_rate/judge"]["ci95"][0] > 0.5
+    lo, hi = ci["win_rate/judge_lc"]["ci95"]
+    assert lo < 0.5 < hi and abs(m["win_rate/judge_lc"] - 0.5) < 0.08
+    assert ci["win_rate/judge_lc"]["value"] == m["win_rate/judge_lc"]
+    assert length_controlled_win_rate([0.5] * 4, [1, 2, 3, 4]) == pytest.approx(0.5)
+
+
+def test_intervals_cover_headline_numbers_and_turn_off():
+    samples = _judged([1, -1, 2, 0], [1.0, 0.5, None, 0.0], flips=[False, True, None, False])
+    for rows in samples.values():
+        for i, r in enumerate(rows):
+            r["reward"] = float(i) if r["text"] == "m" else 1.0
+    m = compute_metrics(samples, "base")["model"]
+    assert m["judge/unjudged"] == 1.0 and m["win_rate/judge"] == pytest.approx(0.5)
+    assert m["judge/flip_rate"] == pytest.approx(1 / 3)
+    ci = compute_intervals(samples, "base", resamples=100, seed=0)["model"]
+    assert set(ci) == {"reward/mean", "win_rate/reward", "kl", "win_rate/judge",
+                       "judge/flip_rate", "win_rate/judge_lc"}
+    for key, entry in ci.items():
+        assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1], key
+    assert ci["kl"]["ci95"] == [0.0, 0.0]
+    assert compute_intervals(samples, "base", resamples=0) == {}
+    one_prompt = {k: v[:1] for k, v in samples.items()}
+    assert compute_intervals(one_prompt, "base", resamples=100) == {}

@@ -9,7 +9,7 @@ import torch
 
 from helpers import write_jsonl
 from prefalign.evaluation import compute_metrics, evaluate, write_report
-from prefalign.evaluation.evaluate import add_arguments, parse_named, run_evaluate
+from prefalign.evaluation.command import add_arguments, parse_named, run_evaluate
 from prefalign.evaluation.report import md_text
 from prefalign.generation import SamplingConfig, generate
 from prefalign.models import load_causal_lm
@@ -76,6 +76,29 @@ def test_report_json_consistent(result, dirs):
     assert set(curves) == {"loss", "rewards/margins", "rewards/accuracies"}  # lr is no panel
     assert len(curves["rewards/accuracies"]) == 4  # the "nan" record is skipped
     assert {p["id"] for p in report["plots"]} == {"frontier", "run/dpo"}
+    # 95% bootstrap intervals over prompts (default 1000 resamples, the sampling seed).
+    assert report["bootstrap"]["resamples"] == 1000 and report["bootstrap"]["seed"] == 3
+    ci = report["intervals"]
+    assert ci == result.intervals and ci["copy"] == ci["base"]
+    assert ci["base"]["kl"]["ci95"] == [0.0, 0.0]  # constant: zero width
+    assert ci["base"]["win_rate/reward"]["ci95"] == [0.5, 0.5]
+    for key in ("reward/mean", "score/mean", "win_rate/reward", "win_rate/score", "kl"):
+        lo, hi = ci["tuned"][key]["ci95"]
+        assert lo <= m["tuned"][key] == ci["tuned"][key]["value"] <= hi, key
+    assert ci["tuned"]["reward/mean"]["ci95"][0] < ci["tuned"]["reward/mean"]["ci95"][1]
+
+
+def test_frontier_draws_the_intervals_as_error_bars(result):
+    """The same report without its intervals gives a different frontier picture (the error
+    bars), and an interval becomes matplotlib's [[below], [above]] around the value."""
+    from prefalign.evaluation.report import make_plots
+
+    with_bars = make_plots(dict(result.report))
+    without = make_plots({**result.report, "intervals": {}})
+    assert with_bars[0]["id"] == "frontier" and with_bars[0]["png"] != without[0]["png"]
+    from prefalign.evaluation.plots import error_bar
+
+    assert error_bar(2.0, [1.5, 3.0]) == [[0.5], [1.0]] and error_bar(2.0, None) is None
 
 
 def test_samples_are_the_models_own_and_kl_matches_a_direct_computation(result, dirs):

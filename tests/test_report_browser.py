@@ -64,7 +64,10 @@ def crafted_report() -> dict:
                  "responses": {name: {"text": f"{name} answer {i}\nline two {EVIL}",
                                       "reward": 0.5, "length": 12, "finish_reason": "eos"}
                                for name in metrics}} for i in range(2)]
+    intervals = {"dpo": {"reward/mean": {"value": 0.7, "ci95": [0.64, 0.76]},
+                         "kl": {"value": 4.2, "ci95": [3.9, 4.6]}}}
     return {"title": "Evaluation report", "created": "2025-01-01T00:00:00+00:00",
+            "intervals": intervals, "bootstrap": {"resamples": 1000, "seed": 0},
             "settings": {"baseline": "base", "reference": {"name": "base", "path": "base"},
                          "num_prompts": 2, "sampling": {"n": 1, "seed": 0}},
             "findings": ["DPO's frontier dominates PPO's", EVIL], "metrics": metrics,
@@ -83,6 +86,11 @@ def test_report_renders_in_chromium(tmp_path):
     table = re.search(r'<table class="metrics" id="comparison-table">.*?</table>', dom, re.S)
     assert table and all(f"<td>{name}" in table.group(0) for name in ("base", "dpo", "ppo"))
     assert "<td>0.81</td>" in table.group(0)
+    # Intervals: "value ± half width", the ends in the tooltip, and what ± means.
+    assert '<td title="95% interval [0.64, 0.76]">0.7 ± 0.06</td>' in table.group(0)
+    assert "<td>4.2 ± 0.35</td>" not in table.group(0) and "4.2 ± 0.35</td>" in table.group(0)
+    assert re.search(r'<p class="sub" id="interval-note">± is half the width of the 95%',
+                     dom)
     assert "&lt;script&gt;document.body.setAttribute" in dom  # shown as text
     assert dom.count("<th>dpo</th>") == 2  # one column per model in each example table
 

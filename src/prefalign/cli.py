@@ -151,7 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from prefalign.evaluation.evaluate import run_evaluate
+    from prefalign.evaluation.command import run_evaluate
 
     run_evaluate(args)
     return 0
@@ -282,7 +282,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    from prefalign.evaluation.evaluate import DESCRIPTION, add_arguments
+    from prefalign.evaluation.command import DESCRIPTION, add_arguments
 
     evaluate = sub.add_parser(
         "evaluate", help=TOOLS["evaluate"][1], description=DESCRIPTION)

@@ -8,6 +8,10 @@ a row's noise from (seed, i, j) alone. Per model:
                               the baseline model: sample (i, j) against the baseline's
                               sample (i, j), a tie counting 1/2
   score/*, win_rate/score     the same with a scorer (a rule, a function, a reward model)
+  win_rate/judge, win_rate/judge_lc, judge/flip_rate, judge/unjudged
+                              with a judge (evaluation.pairwise): each sample against the
+                              baseline's, both orders asked, a flip counting 1/2; the
+                              length-controlled win rate and the position-flip rate
   kl                          KL(model || reference) in nats per response, estimated from
                               the model's own samples: mean over samples of
                               sum_t [log p_model(y_t | .) - log p_ref(y_t | .)], both at
@@ -21,13 +25,21 @@ a row's noise from (seed, i, j) alone. Per model:
                               of each prompt), self_bleu_per_prompt among a prompt's samples
                               (n > 1 only); see evaluation.metrics
 
-Models are loaded one at a time next to the reference, so at most two are in memory.
+Intervals. Every mean-like headline number (reward/mean, score/mean, the win rates, the
+flip rate, kl) gets a 95% percentile bootstrap interval over prompts (all samples of a
+prompt resampled together, `bootstrap` resamples, seeded with the sampling seed; see
+evaluation.metrics), in report.json's `intervals` as {"value", "ci95": [lo, hi]}. Tables
+show "value ± h" with h half the interval's width (the interval itself can be asymmetric;
+report.json has its ends).
+
+Models are loaded one at a time next to the reference, so at most two are in memory; a
+local judge is loaded after them. The numbers are computed in evaluation.summary from the
+sample rows this module collects; the command's options live in evaluation.command.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,30 +51,9 @@ import torch
 
 from prefalign.errors import ConfigError, DataError
 from prefalign.evaluation import metrics as M
+from prefalign.evaluation.summary import METRICS, compute_intervals, compute_metrics
 from prefalign.generation import Generation, SamplingConfig, collate_generations, generate
 from prefalign.train.output_dir import check_no_overlap
-
-# name -> (table label, description); the order is the comparison table's.
-METRICS: dict[str, tuple[str, str]] = {
-    "reward/mean": ("reward", "mean reward-model score"),
-    "reward/median": ("reward median", "median reward-model score"),
-    "win_rate/reward": ("win rate (RM)", "win rate against the baseline by reward-model "
-                        "score, same prompt and sample; ties count 1/2"),
-    "score/mean": ("score", "mean scorer value"),
-    "score/median": ("score median", "median scorer value"),
-    "win_rate/score": ("win rate (scorer)", "win rate against the baseline by scorer value; "
-                       "ties count 1/2"),
-    "kl": ("KL", "KL(model || reference) in nats per response: mean over the model's samples "
-           "of log p_model - log p_ref summed over response tokens (temperature 1)"),
-    "length": ("length", "mean response length in tokens, EOS included"),
-    "finished_rate": ("finished", "fraction of responses that ended with EOS or a stop string"),
-    "distinct_1": ("distinct-1", "distinct words / all words over every response"),
-    "distinct_2": ("distinct-2", "distinct word bigrams / all bigrams over every response"),
-    "self_bleu": ("self-BLEU", "mean BLEU-4 of each prompt's first response against the other "
-                  "prompts' (high = repetitive)"),
-    "self_bleu_per_prompt": ("self-BLEU per prompt", "mean BLEU-4 among the samples of one "
-                             "prompt, averaged over prompts (n > 1 only)"),
-}
 
 
 @dataclass
@@ -74,6 +65,7 @@ class EvalResult:
     samples: dict[str, list[dict[str, Any]]]
     report: dict[str, Any]
     paths: dict[str, Path] = field(default_factory=dict)
+    intervals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def html(self) -> Path:
@@ -182,40 +174,6 @@ def _attach_scores(samples: dict[str, list[dict]], prompts: list, key: str,
             row[key] = float(value)
 
 
-def compute_metrics(samples: Mapping[str, list[dict[str, Any]]], baseline: str,
-                    ) -> dict[str, dict[str, float | None]]:
-    """Per model, every METRICS entry from its samples (see the module docstring).
-
-    A sample dict holds prompt_index, candidate, text, length, finished, logp, ref_logp
-    (None: no KL) and optionally reward and score. Every model has the same (prompt,
-    candidate) rows in the same order, the baseline's included.
-    """
-    base = samples[baseline]
-    out = {}
-    for name, rows in samples.items():
-        m: dict[str, float | None] = dict.fromkeys(METRICS)
-        for key in ("reward", "score"):
-            if rows and all(key in r for r in rows):
-                values = [r[key] for r in rows]
-                stats = M.summarize(values)
-                m[f"{key}/mean"], m[f"{key}/median"] = stats["mean"], stats["median"]
-                m[f"win_rate/{key}"] = M.win_rate(values, [r[key] for r in base])
-        if all(r["ref_logp"] is not None for r in rows):
-            m["kl"] = M.kl_from_samples([r["logp"] for r in rows], [r["ref_logp"] for r in rows])
-        m["length"] = statistics.fmean(r["length"] for r in rows)
-        m["finished_rate"] = statistics.fmean(float(r["finished"]) for r in rows)
-        texts = [r["text"] for r in rows]
-        m["distinct_1"], m["distinct_2"] = M.distinct_n(texts, 1), M.distinct_n(texts, 2)
-        m["self_bleu"] = M.self_bleu([r["text"] for r in rows if r["candidate"] == 0])
-        groups: dict[int, list[str]] = {}
-        for r in rows:
-            groups.setdefault(r["prompt_index"], []).append(r["text"])
-        if any(len(g) > 1 for g in groups.values()):
-            m["self_bleu_per_prompt"] = M.grouped_self_bleu(list(groups.values()))
-        out[name] = m
-    return out
-
-
 def _write(report: dict[str, Any], samples: Mapping[str, list[dict]], prompts: list,
            out: Path) -> dict[str, Path]:
     """samples.jsonl (one line per sample, with its model and prompt) and the report files."""
@@ -272,6 +230,11 @@ def evaluate(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     text_as_chat: bool = False,
+    judge: Any = None,
+    judge_template: str | None = None,
+    judge_retries: int = 2,
+    bootstrap: int = 1000,
+    judge_max_new_tokens: int = 64,
 ) -> EvalResult:
     """Sample, score and compare `models` (name -> model or adapter directory); write
     report.json, report.md, report.html, the plots and samples.jsonl to output_dir.
@@ -285,6 +248,11 @@ def evaluate(
     y axis (the reward model's mean, else the scorer's). findings: lines shown first.
     chat_template, text_as_chat: how every compared model's tokenizer renders the prompts
     (data.chat); the reward model keeps its own tokenizer.
+    judge: a local causal-LM directory (loaded after sampling) or a judge object
+    (preferences.judge.LocalJudge, HttpJudge: judge(texts, attempt) -> answers, with .name
+    and .settings): the win_rate/judge* and judge/* metrics (evaluation.pairwise), asked
+    with judge_template (a template text as preferences.judge reads; default its built-in)
+    and judge_retries; a local judge answers in at most judge_max_new_tokens. bootstrap: resamples of the 95% intervals (0: none).
     """
     from prefalign.evaluation.report import example_table, load_run_curves, normalize_frontier
 
@@ -303,6 +271,14 @@ def evaluate(
             raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
         check_reward_model(reward_model)  # a causal LM here would score with a random head
     ref_path, ref_name, baseline = _resolve_names(models, reference, baseline)
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ConfigError(f"evaluate: bootstrap must be a whole number >= 0 (0 = no "
+                          f"intervals), got {bootstrap!r}")
+    if judge_retries < 0:
+        raise ConfigError(f"evaluate: judge retries must be >= 0, got {judge_retries}")
+    if isinstance(judge, (str, Path)) and not Path(judge).is_dir():
+        raise ConfigError(f"evaluate: judge model {judge} is not a directory; for a served "
+                          "model give --judge-url too")
     prompts = prompt_list(prompts)
     sampling = sampling or SamplingConfig()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,13 +304,27 @@ def evaluate(
         del rm
     if score is not None:
         _attach_scores(samples, prompts, "score", score, progress)
+    judge_info = None
+    if judge is not None:
+        from prefalign.evaluation.pairwise import judge_against_baseline
+        from prefalign.preferences.judge import DEFAULT_TEMPLATE, LocalJudge
+
+        if isinstance(judge, (str, Path)):
+            judge = LocalJudge(str(judge), max_new_tokens=judge_max_new_tokens,
+                               batch_size=sampling.batch_size)
+        _say(progress, f"judging every model against {baseline} with {judge.name}")
+        unjudged = judge_against_baseline(samples, baseline, prompts, judge, judge_template,
+                                          judge_retries, progress=progress)
+        judge_info = {**judge.settings, "retries": judge_retries, "unjudged": unjudged,
+                      "template": judge_template or DEFAULT_TEMPLATE}
     settings = {
         "models": models, "reference": {"name": ref_name, "path": ref_path},
         "baseline": baseline, "reward_model": None if reward_model is None else str(reward_model),
         "scorer": _scorer_name(scorer), "sampling": asdict(sampling),
-        "num_prompts": len(prompts), "device": device,
+        "num_prompts": len(prompts), "device": device, "judge": judge_info,
     }
     table = compute_metrics(samples, baseline)
+    intervals = compute_intervals(samples, baseline, bootstrap, sampling.seed)
     y = "reward/mean" if reward_model is not None else "score/mean" if scorer is not None else None
     report = {
         "title": "Evaluation report",
@@ -342,6 +332,9 @@ def evaluate(
         "settings": settings,
         "findings": [str(f) for f in findings],
         "metrics": table,
+        "intervals": intervals,
+        "bootstrap": {"resamples": bootstrap, "seed": sampling.seed, "level": M.BOOTSTRAP_LEVEL,
+                      "unit": "prompt", "plus_minus": "half the width of the interval"},
         "metric_info": {k: {"label": label, "description": d} for k, (label, d) in METRICS.items()},
         "frontier": {"y": y, "curves": sweeps},
         "runs": curves,
@@ -350,87 +343,7 @@ def evaluate(
     }
     paths = _write(report, samples, prompts, Path(output_dir))
     _say(progress, f"wrote {paths['html']}")
-    return EvalResult(table, samples, report, paths)
+    return EvalResult(table, samples, report, paths, intervals)
 
 
 # -- command line ------------------------------------------------------------------------
-
-DESCRIPTION = ("Sample from several models on the same prompts with the same seeded settings, "
-               "score the responses (reward model and/or scorer), compare rewards, win rates "
-               "against a baseline, KL to a reference, diversity, length and EOS rate, and "
-               "write report.json, report.md and a self-contained report.html.")
-
-
-def parse_named(values: Sequence[str] | None, flag: str) -> dict[str, str]:
-    """["base=DIR", ...] -> {"base": "DIR"}; a bare DIR is named after its last component."""
-    out: dict[str, str] = {}
-    for value in values or []:
-        name, sep, path = value.partition("=")
-        if not sep:
-            name, path = Path(value.rstrip("/")).name or value, value
-        if not name or not path:
-            raise ConfigError(f"{flag}: expected NAME=DIR, got {value!r}")
-        if name in out:
-            raise ConfigError(f"{flag}: the name {name!r} is given twice")
-        out[name] = path
-    return out
-
-
-def add_arguments(parser: Any) -> None:
-    from prefalign.data.chat import add_chat_arguments
-
-    add = parser.add_argument
-    add("--models", nargs="+", required=True, metavar="NAME=DIR",
-        help="models to compare, in table order: model or adapter directories")
-    add("--prompts", required=True, help="prompt file (JSONL, JSON, Parquet, CSV, datasets dir)")
-    add("--reward-model", help="reward-model directory: reward/* metrics and RM win rates")
-    add("--scorer", help="scorer spec (e.g. \"length(max=200)\", module:function, a reward-model "
-        "directory): score/* metrics and scorer win rates")
-    add("--baseline", help="model that win rates are measured against (default: the first)")
-    add("--reference", help="model name or directory for the KL (default: the first model)")
-    add("--runs", nargs="*", default=[], metavar="NAME=DIR",
-        help="training runs whose metrics.jsonl curves the report plots")
-    add("--output-dir", default="eval-report", help="where reports go (default: eval-report)")
-    add("--max-new-tokens", type=int, default=128, help="default: 128")
-    add("--temperature", type=float, default=1.0, help="default: 1.0 (0 = greedy)")
-    add("--top-p", type=float, default=1.0, help="default: 1.0")
-    add("--num-samples", type=int, default=1, help="responses per prompt (default: 1)")
-    add("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
-    add("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
-    add("--num-examples", type=int, default=3,
-        help="prompts shown with every model's response side by side (default: 3)")
-    add("--finding", action="append", default=[], metavar="TEXT",
-        help="a line shown at the top of the report (repeatable)")
-    add("--frontier", metavar="JSON", help="file of extra reward-vs-KL curves: "
-        "{\"label\": [[kl, reward], [kl, reward, \"point label\"], ...]}")
-    from prefalign.hub import DOWNLOAD_HELP
-
-    add("--device", help="cuda or cpu (default: cuda when available)")
-    add("--trust-remote-code", action="store_true",
-        help="allow model code from the model directories to run")
-    add("--allow-download", action="store_true", help=DOWNLOAD_HELP)
-    add_chat_arguments(parser, whose="every compared model's tokenizer",
-                       note="; the reward model keeps its own")
-
-
-def run_evaluate(args: Any) -> Path:
-    """`prefalign evaluate` from parsed arguments (add_arguments'); prints and returns the
-    path of report.html."""
-    frontier = None
-    if getattr(args, "frontier", None):
-        try:
-            frontier = json.loads(Path(args.frontier).read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--frontier {args.frontier}: {exc}") from None
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, n=args.num_samples,
-                              batch_size=args.batch_size)
-    result = evaluate(
-        parse_named(args.models, "--models"), args.prompts, args.output_dir,
-        reward_model=args.reward_model, scorer=args.scorer, reference=args.reference,
-        baseline=args.baseline, sampling=sampling, runs=parse_named(args.runs, "--runs"),
-        frontier=frontier, findings=args.finding, num_examples=args.num_examples,
-        device=args.device, trust_remote_code=args.trust_remote_code,
-        chat_template=args.chat_template, text_as_chat=args.text_as_chat)
-    print(result.html)
-    return result.html

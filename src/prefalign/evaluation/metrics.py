@@ -176,3 +176,135 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
         raise ValueError("summarize: no values")
     return {"mean": statistics.fmean(values), "median": statistics.median(values),
             "std": statistics.pstdev(values), "count": len(values)}
+
+
+# -- intervals and the judge's win rates ----------------------------------------------------
+#
+#    bootstrap      Efron & Tibshirani 1993, ch. 13: the percentile interval. The unit
+#                   resampled is the prompt: all samples of a prompt move together, since
+#                   samples of one prompt are not independent of each other. Resample b
+#                   draws P prompt indices uniformly with replacement from
+#                   numpy.random.default_rng(seed).integers(0, P, size=(B, P)) (one draw
+#                   for all B resamples); the interval is numpy.percentile of the B
+#                   statistics at (1 - level) / 2 and (1 + level) / 2 (linear interpolation).
+#    length-controlled win rate   Dubois et al. 2024 (AlpacaEval 2), arXiv:2404.04475: a
+#                   logistic regression of the verdict on the length difference, read at a
+#                   zero difference: sigmoid(intercept). Here with one regressor,
+#                   z = (len_model - len_baseline) / std(len_model - len_baseline) (scaled,
+#                   not centred, so that z = 0 still means equal lengths), and a tie as the
+#                   target 1/2, which is the same loss as a win and a loss of weight 1/2 each.
+
+BOOTSTRAP_LEVEL = 0.95
+# A weak L2 penalty on (intercept, slope): without it a verdict set the length separates
+# perfectly (every longer response wins) has no finite maximum-likelihood fit.
+LOGISTIC_RIDGE = 1e-3
+
+
+def bootstrap_indices(num_groups: int, resamples: int, seed: int):
+    """(resamples, num_groups) group indices drawn with replacement (see the comment above)."""
+    import numpy as np
+
+    if num_groups < 1 or resamples < 1:
+        raise ValueError(f"bootstrap: need >= 1 group and >= 1 resample, got {num_groups}, "
+                         f"{resamples}")
+    return np.random.default_rng(seed).integers(0, num_groups, size=(resamples, num_groups))
+
+
+def percentile_interval(stats: Sequence[float], level: float = BOOTSTRAP_LEVEL
+                        ) -> tuple[float, float]:
+    import numpy as np
+
+    lo, hi = np.percentile(np.asarray(stats, dtype=float),
+                           [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_mean_ci(values: Sequence[float], groups: Sequence[int], resamples: int = 1000,
+                      seed: int = 0, level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
+    """Percentile interval of mean(values) when whole groups (prompts) are resampled.
+
+    values[i] belongs to group groups[i]. A resample's mean is the sum of the drawn groups'
+    values over their count, so groups of different sizes weigh as their samples do.
+    """
+    import numpy as np
+
+    if len(values) != len(groups) or not values:
+        raise ValueError(f"bootstrap_mean_ci: {len(values)} values, {len(groups)} groups")
+    labels, index = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.bincount(index, weights=np.asarray(values, dtype=float), minlength=len(labels))
+    counts = np.bincount(index, minlength=len(labels)).astype(float)
+    draw = bootstrap_indices(len(labels), resamples, seed)
+    return percentile_interval(sums[draw].sum(1) / counts[draw].sum(1), level)
+
+
+def bootstrap_ci(num_groups: int, statistic: Callable[[Sequence[int]], float],
+                 resamples: int = 1000, seed: int = 0, level: float = BOOTSTRAP_LEVEL
+                 ) -> tuple[float, float]:
+    """Percentile interval of statistic(drawn group indices) over the resamples; for a
+    statistic that is not a plain mean (the length-controlled win rate refits per resample)."""
+    draw = bootstrap_indices(num_groups, resamples, seed)
+    return percentile_interval([statistic(row.tolist()) for row in draw], level)
+
+
+def pair_verdict(model_first: bool, model_second: bool) -> float:
+    """One pair asked in both orders -> the model's points: 1 or 0 when both orders agree,
+    1/2 when the verdict flips with the order (the position decided, not the content).
+
+    model_first: the judge preferred the model's response when it was shown first;
+    model_second: when it was shown second.
+    """
+    return 0.5 if model_first != model_second else float(model_first)
+
+
+def logistic_fit(x: Sequence[float], y: Sequence[float], weights: Sequence[float] | None = None,
+                 ridge: float = LOGISTIC_RIDGE, iterations: int = 100) -> tuple[float, float]:
+    """(intercept, slope) of P(y=1) = sigmoid(a + b x) by Newton's method.
+
+    y may be fractional (a tie = 1/2). Minimises the weighted cross-entropy plus
+    ridge / 2 * (a^2 + b^2); the penalised loss is strictly convex, and each Newton step is
+    halved until the loss does not increase, so the iteration converges.
+    """
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    if not (len(x) == len(y) == len(w)) or not len(x):
+        raise ValueError(f"logistic_fit: {len(x)} x, {len(y)} y, {len(w)} weights")
+    design = np.stack([np.ones_like(x), x], axis=1)
+
+    def loss(theta):
+        t = design @ theta
+        return float(np.sum(w * (np.logaddexp(0, t) - y * t)) + ridge / 2 * theta @ theta)
+
+    theta = np.zeros(2)
+    current = loss(theta)
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-(design @ theta)))
+        grad = design.T @ (w * (p - y)) + ridge * theta
+        hess = (design.T * (w * p * (1 - p))) @ design + ridge * np.eye(2)
+        # Least squares: with ridge 0 and a constant x the Hessian is singular; the
+        # minimum-norm step leaves the slope at 0.
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+        scale = 1.0
+        while scale > 1e-8 and loss(theta - scale * step) > current:
+            scale /= 2
+        theta = theta - scale * step
+        new = loss(theta)
+        if current - new < 1e-12 and np.max(np.abs(scale * step)) < 1e-10:
+            break
+        current = new
+    return float(theta[0]), float(theta[1])
+
+
+def length_controlled_win_rate(verdicts: Sequence[float], length_diffs: Sequence[float]
+                               ) -> float:
+    """sigmoid(intercept) of the logistic regression of verdicts (1 win, 0 loss, 1/2 tie)
+    on the standardised length difference (model minus baseline, in tokens): the win rate
+    the fit expects at equal lengths. See the comment above for the scaling."""
+    import numpy as np
+
+    d = np.asarray(length_diffs, dtype=float)
+    std = float(d.std())
+    z = d / std if std > 0 else np.zeros_like(d)
+    intercept, _ = logistic_fit(z, verdicts)
+    return 1 / (1 + math.exp(-intercept))

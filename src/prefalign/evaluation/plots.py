@@ -24,10 +24,22 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def frontier_png(points: Sequence[tuple[str, float, float]],
-                 curves: Mapping[str, Sequence[Mapping]], y_label: str) -> bytes:
+def error_bar(value: float, interval: Sequence[float] | None) -> list[list[float]] | None:
+    """matplotlib's asymmetric error: [[below], [above]] from an interval [lo, hi] around
+    value (clamped at 0: a percentile interval holds its estimate up to rounding)."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return [[max(0.0, value - lo)], [max(0.0, hi - value)]]
+
+
+def frontier_png(points: Sequence[tuple], curves: Mapping[str, Sequence[Mapping]],
+                 y_label: str) -> bytes:
     """Reward against KL: one labelled marker per evaluated model, plus each curve
-    (label -> [{kl, reward, label}], joined in the order given) as a line with markers."""
+    (label -> [{kl, reward, label}], joined in the order given) as a line with markers.
+
+    A point is (name, kl, reward) or (name, kl, reward, kl interval, reward interval), an
+    interval [lo, hi] or None; intervals are drawn as error bars."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     for label, curve in curves.items():
@@ -39,9 +51,14 @@ def frontier_png(points: Sequence[tuple[str, float, float]],
             if p.get("label"):
                 ax.annotate(p["label"], (p["kl"], p["reward"]), textcoords="offset points",
                             xytext=(4, -10), fontsize=7, color=line.get_color())
-    for j, (name, kl, reward) in enumerate(points):
+    for j, (name, kl, reward, *intervals) in enumerate(points):
         # Colours continue after the curves', so a model never looks like part of a sweep.
         color = f"C{(len(curves) + j) % 10}"
+        kl_ci, reward_ci = (intervals + [None, None])[:2]
+        if kl_ci is not None or reward_ci is not None:
+            ax.errorbar([kl], [reward], xerr=error_bar(kl, kl_ci),
+                        yerr=error_bar(reward, reward_ci), fmt="none", ecolor=color,
+                        elinewidth=1.2, capsize=3, zorder=2)
         ax.scatter([kl], [reward], s=70, marker="*", zorder=3, color=color, label=name)
         ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel("KL(model || reference), nats per response")

@@ -8,6 +8,8 @@ again with `write_report(json.loads(...), output_dir)`:
     findings: [str]               lines shown first, in both md and html
     metrics: {model: {name: x}}   the comparison table; a column that is None for every
     metric_info: {name: {label, description}}   model is left out
+    intervals: {model: {name: {value, ci95: [lo, hi]}}}   shown as "value ± h", h half
+    bootstrap: {resamples, seed, level, ...}            the interval's width; optional
     frontier: {y: metric name or None, curves: {label: [{kl, reward, label}]}}
     runs: {name: {path, curves: {metric: [[step, value], ...]}}}
     examples: [{prompt_index, prompt, responses: {model: {text, reward?, score?, ...}}}]
@@ -145,6 +147,33 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _interval(report: dict[str, Any], model: str, key: str) -> list[float] | None:
+    ci = ((report.get("intervals") or {}).get(model) or {}).get(key, {}).get("ci95")
+    return ci if ci and all(_number(x) for x in ci) else None
+
+
+def cell(report: dict[str, Any], model: str, key: str) -> str:
+    """A table cell: the value, and "± h" (h half the 95% interval's width) when it has one."""
+    value = report.get("metrics", {}).get(model, {}).get(key)
+    ci = _interval(report, model, key)
+    if value is None or ci is None:
+        return fmt(value)
+    return f"{fmt(value)} ± {(ci[1] - ci[0]) / 2:.2g}"
+
+
+def interval_note(report: dict[str, Any]) -> str | None:
+    """What ± means, when some cell has one."""
+    if not any(_interval(report, name, k) for name in report.get("metrics", {})
+               for k in report.get("metrics", {})[name]):
+        return None
+    b = report.get("bootstrap") or {}
+    how = (f", {b['resamples']} resamples, seed {b['seed']}"
+           if "resamples" in b and "seed" in b else "")
+    return ("± is half the width of the 95% percentile bootstrap interval over prompts (all "
+            f"samples of a prompt resampled together{how}); the interval can be asymmetric, "
+            "and report.json holds its ends [lo, hi].")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
@@ -155,7 +184,8 @@ def make_plots(report: dict[str, Any]) -> list[dict[str, Any]]:
     plots = []
     frontier = report.get("frontier") or {}
     y = frontier.get("y")
-    points = [(name, m["kl"], m[y]) for name, m in report.get("metrics", {}).items()
+    points = [(name, m["kl"], m[y], _interval(report, name, "kl"), _interval(report, name, y))
+              for name, m in report.get("metrics", {}).items()
               if y and m.get("kl") is not None and m.get(y) is not None]
     curves = frontier.get("curves") or {}
     if points or curves:
@@ -225,12 +255,15 @@ def render_markdown(report: dict[str, Any], plots: list[dict[str, Any]]) -> str:
     cols = _columns(report)
     lines += ["## Comparison", "", "| model | " + " | ".join(_label(report, c) for c in cols) + " |",
               "|---|" + "---:|" * len(cols)]
-    for name, m in report.get("metrics", {}).items():
+    for name in report.get("metrics", {}):
         tags = _tags(report, name)
-        cell = md_text(name) + (f" ({', '.join(tags)})" if tags else "")
-        lines.append(f"| {cell} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+        head = md_text(name) + (f" ({', '.join(tags)})" if tags else "")
+        lines.append(f"| {head} | " + " | ".join(cell(report, name, c) for c in cols) + " |")
     lines += [""] + [f"- **{_label(report, c)}**: {report['metric_info'][c]['description']}"
                      for c in cols if c in report.get("metric_info", {})] + [""]
+    note = interval_note(report)
+    if note:
+        lines += [note, ""]
     for plot in plots:
         if plot["id"] == "frontier":
             lines += ["## Reward vs KL", "", f"![Reward vs KL]({plot['file']})", ""]
@@ -277,16 +310,27 @@ def _html_table(report: dict[str, Any]) -> str:
     head = "".join(f'<th title="{_e(info.get(c, {}).get("description", c))}">'
                    f"{_e(_label(report, c))}</th>" for c in cols)
     rows = []
-    for name, m in report.get("metrics", {}).items():
+    for name in report.get("metrics", {}):
         tags = _tags(report, name)
         tag = f' <span class="tag">({_e(", ".join(tags))})</span>' if tags else ""
-        cells = "".join(f"<td>{_e(fmt(m.get(c)))}</td>" for c in cols)
+        cells = "".join(_html_cell(report, name, c) for c in cols)
         rows.append(f"<tr><td>{_e(name)}{tag}</td>{cells}</tr>")
     notes = "".join(f"<dt>{_e(_label(report, c))}</dt><dd>{_e(info[c]['description'])}</dd>"
                     for c in cols if c in info)
+    note = interval_note(report)
+    note_html = f'<p class="sub" id="interval-note">{_e(note)}</p>' if note else ""
     return (f'<div class="scroll"><table class="metrics" id="comparison-table"><thead><tr>'
             f"<th>model</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-            f'<dl class="notes">{notes}</dl>')
+            f'{note_html}<dl class="notes">{notes}</dl>')
+
+
+def _html_cell(report: dict[str, Any], model: str, key: str) -> str:
+    """A table cell; with an interval, its ends in the tooltip."""
+    ci = _interval(report, model, key)
+    text = _e(cell(report, model, key))
+    if ci is None or report.get("metrics", {}).get(model, {}).get(key) is None:
+        return f"<td>{text}</td>"
+    return f'<td title="95% interval [{ci[0]:.4g}, {ci[1]:.4g}]">{text}</td>'
 
 
 def _html_examples(report: dict[str, Any]) -> str:
