@@ -30,7 +30,69 @@ def test_quick_demo_runs_the_whole_pipeline_and_reuses_stages(tmp_path, capsys):
     assert report["demo"]["reward_model"]["heldout_accuracy"] >= 0.8
     for name in ("dpo", "ppo"):
         assert report["metrics"][name]["score/mean"] - sft_score >= 0.2, name
+        # a policy that gains by running on past the token limit has not learned the task
+        assert report["metrics"][name]["finished_rate"] >= 0.9, name
+    # the frontiers are compared where both sweeps have points
+    kls = {label: [p["kl"] for p in points] for label, points in curves.items()}
+    dpo_kl, ppo_kl = kls["DPO (beta sweep)"], kls["PPO (KL-coefficient sweep)"]
+    assert min(dpo_kl) <= max(ppo_kl) and min(ppo_kl) <= max(dpo_kl)
+    assert "comparable points" in report["findings"][3]
 
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     again = capsys.readouterr().out
     assert again.count(": reused ") == 8  # base, sft, pairs, reward, 2 DPO, 2 PPO
+
+
+def test_curve_at_interpolates_in_kl_order_and_never_extrapolates():
+    from prefalign.demo.pipeline import curve_at
+
+    points = [(4.0, 0.6), (2.0, 0.4)]            # given out of order
+    assert curve_at(points, 3.0) == pytest.approx(0.5)
+    assert curve_at(points, 2.0) == pytest.approx(0.4)
+    assert curve_at(points, 1.9) is None and curve_at(points, 4.1) is None
+    assert curve_at([(1.0, 0.3)], 1.0) == 0.3
+
+
+def test_frontier_comparison_is_point_by_point():
+    from prefalign.demo.pipeline import compare_frontiers
+
+    dpo = [(2.0, 0.5, "beta=0.5"), (6.0, 0.7, "beta=0.1")]
+    ppo = [(3.0, 0.4, "kl=0.2"), (5.0, 0.8, "kl=0.05"), (9.0, 0.9, "kl=0.02")]
+    line = compare_frontiers(("DPO", "PPO"), (dpo, ppo))
+    # PPO at KL 3: DPO's curve there is 0.55 > 0.4; at KL 5: 0.65 < 0.8; KL 9 outside DPO's.
+    # DPO at KL 2: outside PPO's range; at KL 6: PPO's curve is 0.825 > 0.7.
+    assert "the frontiers cross: DPO higher at 1, PPO at 2 of 3 comparable points" in line
+    assert "PPO kl=0.2 (KL 3.00): PPO 0.400 vs DPO 0.550, DPO higher" in line
+    assert "DPO beta=0.1 (KL 6.00): DPO 0.700 vs PPO 0.825, PPO higher" in line
+    assert "PPO kl=0.02 (KL 9.00) outside DPO's KL range" in line
+    above = [(k, r + 1, lab) for k, r, lab in ppo]
+    assert "PPO's frontier is higher at 3 of 3 comparable points (" in compare_frontiers(
+        ("DPO", "PPO"), (dpo, above))
+    far = [(20.0, 0.9, "kl=0.001")]
+    assert "do not overlap" in compare_frontiers(("DPO", "PPO"), (dpo, far))
+
+
+def test_frontier_differences_within_the_noise_are_ties():
+    from prefalign.demo.pipeline import compare_frontiers
+
+    dpo = [(2.0, 0.50, "beta=0.5"), (6.0, 0.70, "beta=0.1")]
+    ppo = [(3.0, 0.54, "kl=0.2"), (5.0, 0.80, "kl=0.05")]
+    # DPO's curve: 0.55 at KL 3 (PPO 0.54: within 0.02), 0.65 at KL 5 (PPO 0.80: PPO higher)
+    line = compare_frontiers(("DPO", "PPO"), (dpo, ppo), tie=0.02)
+    assert "differences up to 0.020 count as ties" in line
+    assert "PPO kl=0.2 (KL 3.00): PPO 0.540 vs DPO 0.550, a tie" in line
+    assert "PPO's frontier is higher at 1 of 2 comparable points and tied at 1" in line
+    assert "tied at all 2" in compare_frontiers(("DPO", "PPO"), (dpo, ppo), tie=0.2)
+
+
+def test_score_standard_errors_average_a_prompts_samples_first(tmp_path):
+    import json as _json
+
+    from prefalign.demo.pipeline import score_standard_errors
+
+    rows = [{"model": "m", "prompt_index": i, "score": s}
+            for i, pair in enumerate([(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)]) for s in pair]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    # prompt means 0.5, 1.0, 0.0: sample stdev 0.5, over sqrt(3) prompts
+    assert score_standard_errors(path)["m"] == pytest.approx(0.5 / 3 ** 0.5)
