@@ -30,9 +30,12 @@ from prefalign.preferences.annotate import (
     pair_rows,
     pairs_from_ranking,
     parse_ranking,
+    read_items,
     render_item,
+    select_items,
     wrap,
 )
+from prefalign.preferences.judge import judge_preferences, load_template
 
 LAUNCH = "import sys; from prefalign.cli import main; sys.exit(main(['annotate', *sys.argv[1:]]))"
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -351,3 +354,51 @@ def test_annotate_in_a_terminal_across_restarts(tmp_path, terminal):
     assert [d["origin"] for d in record["decisions"]] == [f"{source}:{i}" for i in (1, 2, 3, 4)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "in.jsonl", "out.jsonl", "out.jsonl.progress.json"]
+
+
+# ---- choosing what to annotate ----------------------------------------------------------------
+
+
+def test_select_uncertain_asks_where_a_pairwise_judge_flipped_or_doubted(tmp_path, capsys):
+    rows = [{"prompt": f"Q{i}", "candidates": [f"good{i}", f"bad{i}"]} for i in range(5)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    class Judge:  # prefers whatever sits first on items 1 and 3, "good" elsewhere
+        name, settings = "j", {"judge": "j"}
+
+        def __call__(self, texts, attempt):
+            first = [t.split("Response 0:\n")[1].split()[0] for t in texts]
+            return ["0" if f[-1] in "13" or f.startswith("good") else "1" for f in first]
+
+    judge_preferences(path, tmp_path / "judged.jsonl", Judge(), load_template(None, "pairwise"),
+                      mode="pairwise", progress=False)
+    judgments = str(tmp_path / "judged.judgments.jsonl")
+    output = tmp_path / "human.jsonl"
+    out = io.StringIO()
+    summary = annotate(path, output, stdin=io.StringIO("a b\na b\n"), stdout=out, width=80,
+                       select="uncertain", limit=2, judgments=judgments)
+    assert summary.items == 2 and "Q1" in out.getvalue() and "Q3" in out.getvalue()
+    assert "Q0" not in out.getvalue()
+    assert [(r["prompt"], r["chosen"]) for r in map(json.loads, output.open())] == [
+        ("Q1", "good1"), ("Q3", "good3")]
+    # Among consistent items, the least confident comes first.
+    records = [{"index": i, "origin": f"{path}:{i + 1}", "status": "judged", "flip_rate": 0.0,
+                "pairs": [{"confidence": c}]} for i, c in enumerate([0.9, 0.6, 0.99, 0.7, 0.8])]
+    confident = write_jsonl(tmp_path / "conf.jsonl", records)
+    chosen = select_items(read_items(path), "uncertain", 3, confident)
+    assert [item.prompt for item in chosen] == ["Q1", "Q3", "Q4"]
+    assert main(["annotate", "--input", path, "--output", str(tmp_path / "x.jsonl"),
+                 "--select", "uncertain"]) == 2
+    assert "--select uncertain needs --judgments" in capsys.readouterr().err
+    other = write_jsonl(tmp_path / "other.jsonl", [{**records[0], "index": 7}])
+    with pytest.raises(DataError, match="other.jsonl:1: 'index' 7 is not a row"):
+        select_items(read_items(path), "uncertain", 3, other)
+
+
+def test_select_random_is_seeded():
+    items = [Item(f"Q{i}", ("a", "b"), f"in.jsonl:{i + 1}") for i in range(20)]
+    first = select_items(items, "random", 5, seed=1)
+    assert len(first) == 5 and first == select_items(items, "random", 5, seed=1)
+    assert first != select_items(items, "random", 5, seed=2)
+    assert first == sorted(first, key=items.index)  # asked in input order
+    assert select_items(items, "all", 3) == items[:3]

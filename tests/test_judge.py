@@ -101,7 +101,7 @@ def test_garbage_judge_leaves_items_unjudged_after_retries(tmp_path, tiny_model_
     assert [r["status"] for r in records] == ["unjudged", "unjudged"]
     assert all(len(r["answers"]) == 3 and len(r["errors"]) == 3 for r in records)
     assert all(r["ranking"] is None for r in records)
-    assert records[1]["shown"] == [0, 1]  # the repeated candidate is shown once
+    assert sorted(records[1]["shown"]) == [0, 1]  # the repeated candidate is shown once
 
 
 def rigged_judge(tokenizer, path):
@@ -134,12 +134,16 @@ def test_rigged_local_judge_ranks_and_writes_pairs(tmp_path, tokenizer, items):
                     "--retries", "0", "--max-new-tokens", "6"]) == 0
     records = lines(tmp_path / "pairs.judgments.jsonl")
     assert [r["answers"] for r in records] == [["1,0"], ["1,0"]]
-    assert [r["ranking"] for r in records] == [[1, 0], [1, 0]]
+    # "1,0" names the second candidate shown; the shown order is shuffled per item.
+    assert [r["ranking"] for r in records] == [r["shown"][::-1] for r in records]
+    texts = [["You are rude.", "Thank you!"], ["Hello there.", "Go away."]]
     pairs = lines(out)
-    assert pairs[0] == {"prompt": "Which is kinder?", "chosen": "Thank you!",
-                        "rejected": "You are rude.", "source": f"judge:{judge_dir}", "id": "a",
+    best, worst = records[0]["ranking"]
+    assert pairs[0] == {"prompt": "Which is kinder?", "chosen": texts[0][best],
+                        "rejected": texts[0][worst], "source": f"judge:{judge_dir}", "id": "a",
                         "rank_chosen": 1, "rank_rejected": 2}
-    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == ("Go away.", "Hello there.")
+    best, worst = records[1]["ranking"]
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (texts[1][best], texts[1][worst])
     features, _ = load_preferences(str(out), tokenizer)
     assert len(features) == 2
 
@@ -180,12 +184,15 @@ def test_http_judge_retries_records_and_keeps_the_key_secret(tmp_path, monkeypat
     assert [r["status"] for r in records] == ["judged", "judged", "unjudged", "judged", "judged"]
     assert [len(r["answers"]) for r in records] == [1, 2, 3, 1, 1]
     assert records[2]["answers"] == ["0,0,1", "2,0", "no idea"] and records[2]["ranking"] is None
-    assert [r["ranking"] for r in records if r["ranking"]] == [[2, 0, 1], [1, 0, 2], [0, 1, 2],
-                                                               [2, 1, 0]]
+    # Each answer names positions in the item's shuffled order, mapped back to candidates.
+    answered = {0: [2, 0, 1], 1: [1, 0, 2], 3: [0, 1, 2], 4: [2, 1, 0]}
+    for k, order in answered.items():
+        assert records[k]["ranking"] == [records[k]["shown"][i] for i in order]
+    assert len({tuple(r["shown"]) for r in records}) > 1  # not one fixed order for all
     pairs = lines(out)
     assert len(pairs) == 4 * 3 and {p["source"] for p in pairs} == {"judge:judge-7b"}
-    assert [(p["chosen"], p["rejected"]) for p in pairs[:3]] == [
-        ("valid C", "valid A"), ("valid C", "valid B"), ("valid A", "valid B")]
+    a, b, c = ("valid " + "ABC"[i] for i in records[0]["ranking"])
+    assert [(p["chosen"], p["rejected"]) for p in pairs[:3]] == [(a, b), (a, c), (b, c)]
     assert not any("never" in p["chosen"] for p in pairs)
     # 1 + 2 + 3 + (1 + 1) + (2 + 1) requests; the sampled retries ask with retry_temperature.
     assert len(server.requests) == 11

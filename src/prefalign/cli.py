@@ -133,6 +133,12 @@ def _judge(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _judge_agreement(args: argparse.Namespace) -> int:
+    from prefalign.preferences.judge_agreement import run
+
+    return run(args)
+
+
 def _score(args: argparse.Namespace) -> int:
     from prefalign.algorithms.reward import score_file
 
@@ -268,14 +274,14 @@ def _add_demo(sub) -> None:
         "demo", help=TOOLS["demo"][1],
         description="Offline, on a built-in task (steer review continuations toward positive "
         "sentiment, scored by a fixed lexicon): build a tiny model, SFT, best-of-N pairs with "
-        "noisy labels, reward model, DPO (LoRA), PPO, sweeps of DPO's beta and PPO's KL "
+        "noisy labels, reward model, DPO, PPO, sweeps of DPO's beta and PPO's KL "
         "coefficient, evaluation on held-out prompts, and report.html. Finished stages are "
         "reused on a second run.")
     demo.add_argument("--output-dir", default="demo-output",
                       help="where everything is written (default: demo-output)")
     demo.add_argument("--quick", action="store_true",
                       help="a faster variant: the same main runs, two sweep points each instead "
-                           "of three")
+                           "of four for DPO and three for PPO")
     demo.add_argument("--force", action="store_true", help="rerun every stage")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.set_defaults(func=_demo)
@@ -328,6 +334,22 @@ def _add_judge(sub) -> None:
     judge.set_defaults(func=_judge)
 
 
+# `prefalign judge agreement ...` is parsed as this command (see main), so that plain
+# `prefalign judge --input ...` keeps working without a subcommand word.
+JUDGE_AGREEMENT = "judge-agreement"
+
+
+def _add_judge_agreement(sub) -> None:
+    from prefalign.preferences import judge_agreement
+
+    agreement = sub.add_parser(JUDGE_AGREEMENT, prog="prefalign judge agreement",
+                               description=judge_agreement.DESCRIPTION)
+    agreement.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the full traceback of an error")
+    judge_agreement.add_arguments(agreement)
+    agreement.set_defaults(func=_judge_agreement)
+
+
 # tool -> (adds its parser, one-line help); a trainer's parser comes from its config class.
 TOOLS = {
     "data": (_add_data, "inspect and merge preference data"),
@@ -373,6 +395,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             add(sub)
         else:
             sub.add_parser(name, help=help_text)
+    if command == JUDGE_AGREEMENT:
+        _add_judge_agreement(sub)
     return parser
 
 
@@ -413,14 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before the command's module imports huggingface_hub, which reads this setting once.
     offline_by_default()
-    parser = build_parser(_command_word(argv))
+    command = _command_word(argv)
+    if command == "judge" and argv[argv.index("judge") + 1:][:1] == ["agreement"]:
+        at = argv.index("judge")
+        argv, command = [*argv[:at], JUDGE_AGREEMENT, *argv[at + 2:]], JUDGE_AGREEMENT
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "allow_download", False) is True:  # a tool's flag; trainers: config
         allow_downloads()
     if extra:
         # Reported for the command the user ran: `prefalign dpo --help` lists its options.
         words = (getattr(args, "command", None), getattr(args, "data_command", None))
-        prog = " ".join(["prefalign", *filter(None, words)])
+        prog = " ".join(["prefalign", *filter(None, words)]).replace(JUDGE_AGREEMENT,
+                                                                     "judge agreement")
         message = _unrecognized(extra, _command_parser(parser, args))
         print(_usage_error(prog, message), end="", file=sys.stderr)
         return 2

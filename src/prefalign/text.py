@@ -26,3 +26,12 @@ def printable(text: str, keep: str = "\n\t", replace: str | None = None) -> str:
         return replace if replace is not None else f"\\x{ord(char):02x}"
 
     return CONTROL.sub(escape, text)
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr that a progress bar on the same terminal does not tear."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -13,6 +13,11 @@ and Ctrl-C quit, ? helps. C A B D writes C>A, C>B, C>D, A>B, A>D, B>D as JSONL r
      "rank_chosen", "rank_rejected"}                 ranks count from 1 = best
 leaving out pairs of identical texts (trainers drop them anyway).
 
+--select random --limit N asks about N rows drawn with --seed (in input order); --select
+uncertain --judgments J asks first about the rows where a `prefalign judge --mode pairwise`
+run on the same input (J: its OUTPUT.judgments.jsonl) flipped most with the order shown,
+then where it was least confident, so human labels go where the judge is least reliable.
+
 OUTPUT.progress.json is the whole state, one decision per input row in input order:
     {"format": "prefalign-annotate/1", "input": "candidates.jsonl", "decisions": [
      {"origin": "candidates.jsonl:1", "key": "9f2c...", "ranking": ["C", "A", "B", "D"]},
@@ -246,6 +251,53 @@ def _item(data: Any, origin: str) -> Item:
     return Item(prompt, tuple(candidates), origin, data.get("id"))
 
 
+def select_items(items: list[Item], select: str = "all", limit: int | None = None,
+                 judgments: str | os.PathLike | None = None, seed: int = 0) -> list[Item]:
+    """The items to ask about: all (in input order), `random` (seeded, in input order) or
+    `uncertain`: judged items of a pairwise `prefalign judge` run (its OUTPUT.judgments.jsonl,
+    whose `index` is the row's place in this input), most flipped first, then least
+    confident; at most `limit`."""
+    import random
+
+    from prefalign.errors import ConfigError
+
+    if select not in ("all", "random", "uncertain"):
+        raise ConfigError(f"--select {select}: choose all, random or uncertain")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give 1 or more items")
+    if select == "uncertain" and not judgments:
+        raise ConfigError("--select uncertain needs --judgments FILE (the OUTPUT.judgments.jsonl "
+                          "of `prefalign judge --mode pairwise` on this input)")
+    count = len(items) if limit is None else min(limit, len(items))
+    if select == "all":
+        return items[:count]
+    if select == "random":
+        return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), count))]
+    ranked = []
+    for data, origin in load_rows(str(judgments)):
+        index = data.get("index")
+        if not isinstance(index, int) or not 0 <= index < len(items):
+            raise DataError(f"{origin}: 'index' {printable(repr(index))[:40]} is not a row of "
+                            f"the input ({len(items)} rows); give the judgments of a judge run "
+                            "on this same input")
+        line = str(data.get("origin", "")).rsplit(":", 1)[-1]
+        if line != items[index].origin.rsplit(":", 1)[-1]:
+            raise DataError(f"{origin}: judges row {data.get('origin')!r}, but row {index} of "
+                            f"the input is {items[index].origin}; give the judgments of a judge "
+                            "run on this same input")
+        pairs = data.get("pairs")
+        if data.get("status") != "judged" or not isinstance(pairs, list) or not pairs:
+            continue
+        confidences = [p["confidence"] for p in pairs
+                       if isinstance(p, dict) and isinstance(p.get("confidence"), (int, float))]
+        flips = data.get("flip_rate") or 0.0
+        ranked.append((-flips, min(confidences, default=1.0), index))
+    if not ranked:
+        raise DataError(f"{judgments}: no judged pairwise items; --select uncertain reads the "
+                        "judgments of `prefalign judge --mode pairwise`")
+    return [items[index] for _, _, index in sorted(ranked)[:count]]
+
+
 def load_progress(progress: Path, output: Path, items: list[Item]) -> list[dict]:
     """The decisions recorded in the sidecar, checked against the input rows."""
     if not progress.exists():
@@ -306,7 +358,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def annotate(input_path: str | os.PathLike, output_path: str | os.PathLike,
              stdin: TextIO | None = None, stdout: TextIO | None = None,
-             width: int | None = None) -> Summary:
+             width: int | None = None, select: str = "all", limit: int | None = None,
+             judgments: str | os.PathLike | None = None, seed: int = 0) -> Summary:
     """Rank the candidates of every row of `input_path` interactively (see the module doc).
 
     `width` defaults to the terminal's, read for every item so a resized window takes effect.
@@ -314,7 +367,7 @@ def annotate(input_path: str | os.PathLike, output_path: str | os.PathLike,
     re-raises KeyboardInterrupt.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    items = read_items(input_path)
+    items = select_items(read_items(input_path), select, limit, judgments, seed)
     output = Path(output_path)
     progress = Path(str(output) + PROGRESS_SUFFIX)
     with writing(output, KEPT, "--output"):
@@ -428,10 +481,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows with prompt and candidates (JSONL, JSON, Parquet, ...)")
     parser.add_argument("--output", required=True,
                         help="JSONL of preference pairs; OUTPUT.progress.json records progress")
+    parser.add_argument("--select", choices=("all", "random", "uncertain"), default="all",
+                        help="items to ask about: all; random (seeded by --seed); uncertain: "
+                        "where a pairwise judge flipped most or was least confident, read "
+                        "from --judgments (default: all)")
+    parser.add_argument("--limit", type=int, help="ask about at most this many items")
+    parser.add_argument("--judgments", help="OUTPUT.judgments.jsonl of `prefalign judge --mode "
+                        "pairwise` run on this same input (for --select uncertain)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --select random "
+                        "(default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    annotate(args.input, args.output)
+    annotate(args.input, args.output, select=args.select, limit=args.limit,
+             judgments=args.judgments, seed=args.seed)
     return 0
 
 

@@ -29,14 +29,27 @@ the run stops, recording nothing for that batch. Server text in messages has its
 characters escaped, and the key is replaced by [redacted] in whatever is stored or printed;
 stored answers are cut to 4000 characters with a marker.
 Progress is committed per batch (best_of_n.Journal): the same command continues.
+
+Listwise (the default) shows each item's candidates in an order shuffled per item, seeded by
+--seed and the item's key (a rerun asks the same), so no candidate always sits first; the
+judgments record it as `shown`. --mode pairwise asks every pair of distinct candidates in
+both orders with a template of {prompt}, {a} and {b}, answered "0", "1" or "tie"
+(pairwise.py). Verdicts that survive the swap count; a pair whose verdict follows the
+position is a flip, recorded as a tie or dropped (--on-inconsistent); ties write no row.
+Each row carries `confidence`: a local judge's probability of its verdict token ("0" vs
+"1", normalised over the two), an API judge's agreement over --samples repeated asks (none
+with one ask), averaged over both orders; --min-confidence keeps only rows at least that
+confident. The judgments record each pair's answers, verdicts and confidences and each
+item's `flip_rate`; the summary line gives the run's position-flip rate and ties.
+`prefalign judge agreement` (judge_agreement.py) compares the pairs with a human's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +58,13 @@ from typing import Any
 from prefalign.errors import ConfigError, DataError, PrefalignError
 from prefalign.preferences.best_of_n import Journal, check_committed, item_key, sidecar
 from prefalign.preferences.http_judge import MAX_RESPONSE_BYTES, HttpJudge, NoAnswer, stored_answer
-from prefalign.text import printable
+from prefalign.preferences.pairwise import (
+    LABELS,
+    PAIRWISE_TEMPLATE,
+    pairwise_batch,
+    pairwise_rows,
+)
+from prefalign.text import printable, warn
 
 DEFAULT_TEMPLATE = """\
 Rank the {n} candidate responses to the prompt below from best to worst.
@@ -98,14 +117,15 @@ def parse_ranking(answer: str, n: int) -> list[int]:
     return found[0]
 
 
-def load_template(path: str | os.PathLike | None) -> str:
+def load_template(path: str | os.PathLike | None, mode: str = "listwise") -> str:
     if path is None:
-        return DEFAULT_TEMPLATE
+        return PAIRWISE_TEMPLATE if mode == "pairwise" else DEFAULT_TEMPLATE
     try:
         template = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"template {path}: cannot read it ({e.strerror or e})") from None
-    missing = [p for p in ("{prompt}", "{candidates}") if p not in template]
+    needed = ("{prompt}", "{a}", "{b}") if mode == "pairwise" else ("{prompt}", "{candidates}")
+    missing = [p for p in needed if p not in template]
     if missing:
         raise ConfigError(f"template {path}: no {' or '.join(missing)} placeholder; the judge "
                           "would not see what it ranks")
@@ -145,6 +165,41 @@ class LocalJudge:
             batch_size=self.batch_size)
         return [g.text for g in generate(self.model, self.tokenizer, prompts, sampling,
                                          progress=False)]
+
+    def label_probs(self, texts: list[str], labels: tuple[str, ...] = LABELS
+                    ) -> list[list[float]]:
+        """Per prompt, the next-token probability of each label's first token, normalised
+        over the labels: the judge's confidence in each verdict before it answers."""
+        import torch
+
+        from prefalign.generation import render_prompts
+
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = render_prompts(self.tokenizer, [[{"role": "user", "content": t}] if chat else t
+                                              for t in texts])
+        label_ids = [self._label_token(label) for label in labels]
+        if len(set(label_ids)) < len(label_ids):
+            raise PrefalignError(f"judge {self.name}: the labels {', '.join(labels)} start "
+                                 "with the same token; their probabilities cannot be told apart")
+        device = next(self.model.parameters()).device
+        out = []
+        with torch.no_grad():  # one prompt at a time: no padding whose side could shift logits
+            for prompt in ids:
+                logits = self.model(torch.tensor([prompt], device=device)).logits[0, -1]
+                out.append(torch.softmax(logits.float()[label_ids], -1).tolist())
+        return out
+
+    def _label_token(self, label: str) -> int:
+        """The first token of `label` that carries its text: a SentencePiece tokenizer may
+        put a lone word-start piece ("▁") in front, which every label would share."""
+        ids = self.tokenizer.encode(label, add_special_tokens=False)
+        for token in ids:
+            if label[0] in self.tokenizer.decode([token]):
+                return token
+        raise PrefalignError(f"judge {self.name}: the tokenizer has no token for the verdict "
+                             f"label {label!r}")
+
+
 # ---- judging a file -----------------------------------------------------------------------
 
 
@@ -156,11 +211,24 @@ class JudgeReport:
     items_done_before: int = 0
     status: Counter = field(default_factory=Counter)
     pairs: int = 0
+    mode: str = "listwise"
+    ties: int = 0           # pairwise: pairs judged a tie (no row)
+    flips: int = 0          # pairwise: pairs whose verdict changed with the order shown
+    asked: int = 0          # pairwise: pairs answered in both orders
+    dropped: int = 0        # pairwise: flipped pairs left out (--on-inconsistent drop)
+    below_confidence: int = 0
 
     def format(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())) or "none now"
-        return (f"{self.items} items ({self.items_done_before} done before; {counts}): "
+        line = (f"{self.items} items ({self.items_done_before} done before; {counts}): "
                 f"{self.pairs} pairs written to {self.output}; answers in {self.judgments}")
+        if self.mode == "pairwise":
+            rate = f"{self.flips / self.asked:.3f}" if self.asked else "n/a"
+            line += (f"\npairwise, this run: {self.asked} pairs asked in both orders, "
+                     f"position-flip rate {rate} ({self.flips} flipped, {self.dropped} of them "
+                     f"dropped), {self.ties} ties, {self.below_confidence} under "
+                     "--min-confidence")
+        return line
 
 
 def read_items(path: Any) -> list[dict]:
@@ -184,21 +252,29 @@ def read_items(path: Any) -> list[dict]:
 def judge_preferences(input_path: Any, output: str | os.PathLike, judge: Any,
                       template: str = DEFAULT_TEMPLATE, retries: int = 2, batch_size: int = 8,
                       judgments: str | os.PathLike | None = None,
-                      progress: bool = True) -> JudgeReport:
-    """Rank every item of `input_path` with `judge(texts, attempt) -> answers` and write the
-    pairs and judgments (see the module docstring)."""
+                      progress: bool = True, mode: str = "listwise", seed: int = 0,
+                      samples: int = 1, on_inconsistent: str = "tie",
+                      min_confidence: float | None = None) -> JudgeReport:
+    """Rank every item of `input_path` with `judge(texts, attempt) -> answers` (listwise), or
+    ask each pair in both orders (pairwise), and write the pairs and judgments (see the
+    module docstring)."""
     from tqdm.auto import tqdm
 
     if retries < 0 or batch_size < 1:
         raise ConfigError(f"need retries >= 0 and batch_size >= 1, got {retries}, {batch_size}")
+    check_mode(judge, mode, samples, on_inconsistent, min_confidence)
     items = read_items(input_path)
     output = Path(output)
     judgments = Path(judgments) if judgments else sidecar(output, ".judgments.jsonl")
+    settings = {**judge.settings, "template": template, "retries": retries, "mode": mode,
+                "seed": seed}
+    if mode == "pairwise":
+        settings.update(samples=samples, on_inconsistent=on_inconsistent,
+                        min_confidence=min_confidence)
     journal = Journal(Path(str(output) + ".progress.jsonl"),
-                      {"pairs": output, "judgments": judgments}, "judge",
-                      {**judge.settings, "template": template, "retries": retries})
+                      {"pairs": output, "judgments": judgments}, "judge", settings)
     keys = [item_key([it["prompt"], it["candidates"], it["id"]]) for it in items]
-    report = JudgeReport(output, judgments, len(items))
+    report = JudgeReport(output, judgments, len(items), mode=mode)
     with journal, tqdm(total=len(items), desc="judge", unit="item", disable=not progress,
                        dynamic_ncols=True) as bar:
         done = journal.open()
@@ -208,10 +284,19 @@ def judge_preferences(input_path: Any, output: str | os.PathLike, judge: Any,
         todo = [i for i in range(len(items)) if i not in done]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            records = judge_batch([items[i] for i in chunk], judge, template, retries)
+            if mode == "pairwise":
+                records = pairwise_batch([items[i] for i in chunk], judge, template, retries,
+                                         samples, on_inconsistent)
+            else:
+                records = judge_batch([items[i] for i in chunk], judge, template, retries,
+                                      seed, [keys[i] for i in chunk])
             commits = []
             for index, record in zip(chunk, records):
-                rows = pair_rows(items[index], record, judge.name)
+                if mode == "pairwise":
+                    rows = pairwise_rows(items[index], record, judge.name, min_confidence,
+                                         report)
+                else:
+                    rows = pair_rows(items[index], record, judge.name)
                 report.status[record["status"]] += 1
                 report.pairs += len(rows)
                 commits.append((index, keys[index], {"pairs": rows,
@@ -221,18 +306,55 @@ def judge_preferences(input_path: Any, output: str | os.PathLike, judge: Any,
     return report
 
 
-def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> list[dict]:
-    """One judgment record per item; items whose answer does not parse are asked again."""
+def check_mode(judge: Any, mode: str, samples: int, on_inconsistent: str,
+               min_confidence: float | None) -> None:
+    """Refuse options that would not do what they say with this judge and mode."""
+    if mode not in ("listwise", "pairwise"):
+        raise ConfigError(f"--mode {mode}: choose listwise or pairwise")
+    if on_inconsistent not in ("tie", "drop"):
+        raise ConfigError(f"--on-inconsistent {on_inconsistent}: choose tie or drop")
+    if samples < 1:
+        raise ConfigError(f"--samples {samples}: give 1 or more asks per order")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence {min_confidence}: give a probability in [0, 1]")
+    if mode == "listwise" and (samples > 1 or min_confidence is not None):
+        raise ConfigError("--samples and --min-confidence need --mode pairwise: a listwise "
+                          "ranking has no per-pair confidence")
+    local = hasattr(judge, "label_probs")
+    if samples > 1 and local:
+        raise ConfigError("--samples applies to an API judge (--judge-url); a local judge's "
+                          "confidence comes from its verdict tokens' probabilities")
+    if samples > 1 and not judge.settings.get("temperature"):
+        raise ConfigError(f"--samples {samples} with --temperature 0 would ask the same "
+                          "greedy question each time; give --temperature > 0 (e.g. 0.7)")
+    if min_confidence is not None and not local and samples < 2:
+        raise ConfigError("--min-confidence with an API judge needs --samples K >= 2: its "
+                          "confidence is the agreement of K repeated asks")
+
+
+def judge_batch(items: list[dict], judge: Any, template: str, retries: int,
+                seed: int | None = None, keys: list[str] | None = None) -> list[dict]:
+    """One judgment record per item; items whose answer does not parse are asked again.
+
+    With a `seed`, candidates are shown in an order shuffled per item (seeded by it and the
+    item's key, so a rerun asks the same), so no candidate always sits first; `shown`
+    records it. Without, they are shown in input order (evaluate swaps them itself).
+    """
     records = []
-    for item in items:
+    for index, item in enumerate(items):
         first: dict[str, int] = {}  # each distinct non-empty text, shown once
         for i, text in enumerate(item["candidates"]):
             if text.strip():
                 first.setdefault(text, i)
         ident = {"id": item["id"]} if item["id"] is not None else {}
+        shown = sorted(first.values())
+        if seed is not None:
+            key = (keys[index] if keys else
+                   item_key([item["prompt"], item["candidates"], item["id"]]))
+            random.Random(f"{seed}:{key}").shuffle(shown)
         records.append({"origin": item["origin"], **ident, "judge": judge.name,
                         "status": "unjudged", "reason": None, "ranking": None,
-                        "shown": sorted(first.values()), "answers": [], "errors": []})
+                        "shown": shown, "answers": [], "errors": []})
         if len(first) < 2:
             records[-1].update(status="skipped", reason="fewer than 2 distinct candidates",
                                errors=["fewer than 2 distinct candidates"])
@@ -253,7 +375,7 @@ def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> l
             if isinstance(answer, NoAnswer):  # the request failed: asking again would too
                 record["errors"].append(str(answer))
                 record["reason"] = str(answer)
-                _warn(f"{printable(str(record['origin']), keep='')}: recorded as unjudged: "
+                warn(f"{printable(str(record['origin']), keep='')}: recorded as unjudged: "
                       f"{printable(answer, keep='')}")
                 continue
             record["answers"].append(stored_answer(answer))
@@ -268,13 +390,6 @@ def judge_batch(items: list[dict], judge: Any, template: str, retries: int) -> l
             record["reason"] = None
         pending = still
     return records
-
-
-def _warn(message: str) -> None:
-    """One line on stderr that a progress bar on the same terminal does not tear."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def pair_rows(item: dict, record: dict, judge_name: str) -> list[dict]:
@@ -295,7 +410,9 @@ def pair_rows(item: dict, record: dict, judge_name: str) -> list[dict]:
 DESCRIPTION = ("Rank each prompt's candidates with a judge model (a local causal LM, or an "
                "OpenAI-compatible endpoint with --judge-url) and write every pair the ranking "
                "implies. Answers that are not a full ranking are asked again, then recorded "
-               "as unjudged, never guessed. The same command again continues where it stopped.")
+               "as unjudged, never guessed. --mode pairwise asks each pair in both orders and keeps "
+               "only verdicts that survive the swap. The same command again continues where "
+               "it stopped. Compare with human labels: prefalign judge agreement --help.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,8 +431,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable "
         "holding the API key (never the key itself), sent as a Bearer token (default: "
         "OPENAI_API_KEY; unset: no Authorization header)")
-    add("--template", help="ranking prompt file with {prompt}, {candidates} (numbered 0..N-1) "
-        "and {n} (default: a built-in prompt)")
+    add("--mode", choices=("listwise", "pairwise"), default="listwise", help="listwise: rank "
+        "all candidates at once, shown in a seeded shuffled order; pairwise: ask every pair "
+        "in both orders and keep only verdicts that survive the swap (default: listwise)")
+    add("--on-inconsistent", choices=("tie", "drop"), default="tie", help="pairwise: a pair "
+        "whose verdict flips with the order shown is recorded as a tie, or dropped; neither "
+        "writes a row (default: tie)")
+    add("--samples", type=int, default=1, help="pairwise, API judge: asks per order; the "
+        "confidence is the fraction agreeing with the majority (needs --temperature > 0; "
+        "default: 1)")
+    add("--min-confidence", type=float, help="pairwise: write only pairs at least this "
+        "confident (local judge: verdict token probability; API judge: --samples agreement)")
+    add("--template", help="prompt file; listwise: {prompt}, {candidates} (numbered 0..N-1) "
+        "and {n}; pairwise: {prompt}, {a}, {b}, answered 0, 1 or tie (default: built-in)")
     add("--retries", type=int, default=2, help="asks after a malformed answer before an item is "
         "recorded as unjudged (default: 2)")
     add("--judgments", help="JSONL of raw answers and statuses (default: OUTPUT.judgments.jsonl)")
@@ -331,7 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "read from the endpoint; a larger one leaves its item unjudged (default: 1048576)")
     add("--network-retries", type=int, default=5, help="retries after a network error, 429 or "
         "5xx, with exponential backoff (default: 5)")
-    add("--seed", type=int, default=0, help="seed of sampled retries of a local judge (default: 0)")
+    add("--seed", type=int, default=0, help="seed of the listwise candidate order and of "
+        "sampled retries of a local judge (default: 0)")
     add_chat_arguments(parser, whose="the local --judge-model's tokenizer", text_rows=False,
                        note="; with a template the ranking prompt is sent as a user turn")
 
@@ -354,9 +483,12 @@ def load_judge(args: argparse.Namespace) -> LocalJudge | HttpJudge:
 
 
 def run(args: argparse.Namespace) -> int:
-    template = load_template(args.template)
+    template = load_template(args.template, args.mode)
     report = judge_preferences(args.input, args.output, load_judge(args), template,
                                retries=args.retries, batch_size=args.batch_size,
-                               judgments=args.judgments)
-    print(printable(report.format(), keep=""))  # paths as the user typed them
+                               judgments=args.judgments, mode=args.mode, seed=args.seed,
+                               samples=args.samples, on_inconsistent=args.on_inconsistent,
+                               min_confidence=args.min_confidence)
+    for line in report.format().split("\n"):
+        print(printable(line, keep=""))  # paths as the user typed them
     return 0
