@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,16 @@ def add_arguments(parser: Any) -> None:
     add("--judge-max-new-tokens", type=int, default=64, help="judge answer length (default: 64)")
     add("--judge-timeout", type=float, default=60.0, help="seconds per judge HTTP request in "
         "all (default: 60)")
+    add("--benchmark", action=argparse.BooleanOptionalAction, default=None,
+        help="benchmark/accuracy and benchmark/pass_rate from --prompts rows with an `answer` "
+        "(or `reference`: the response's last \\boxed{} or number, else its last line, "
+        "must match) or a `test` command (run on the response's extracted code like the "
+        "command scorer, {file} and {dir} filled in; exit 0 passes). Default: answers are "
+        "checked when rows carry them and test commands are not run; --benchmark runs them "
+        "too (they EXECUTE MODEL-WRITTEN CODE: use a container without network); "
+        "--no-benchmark: neither")
+    add("--benchmark-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="limit per test command (default: 10)")
     add("--finding", action="append", default=[], metavar="TEXT",
         help="a line shown at the top of the report (repeatable)")
     add("--frontier", metavar="JSON", help="file of extra reward-vs-KL curves: "
@@ -109,7 +120,9 @@ def run_evaluate(args: Any) -> Path:
         device=args.device, trust_remote_code=args.trust_remote_code,
         chat_template=args.chat_template, text_as_chat=args.text_as_chat,
         judge=judge, judge_template=template, judge_retries=args.judge_retries,
-        bootstrap=args.bootstrap, judge_max_new_tokens=args.judge_max_new_tokens)
+        bootstrap=args.bootstrap, judge_max_new_tokens=args.judge_max_new_tokens,
+        benchmark=getattr(args, "benchmark", None),
+        benchmark_timeout=getattr(args, "benchmark_timeout", 10.0))
     print(result.html)
     return result.html
 

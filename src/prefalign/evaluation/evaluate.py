@@ -21,6 +21,9 @@ a row's noise from (seed, i, j) alone. Per model:
                               frontier plots whatever they are, for every model alike.
   length, finished_rate       response tokens (EOS included) and the fraction of responses
                               that ended with EOS or a stop string
+  benchmark/accuracy, benchmark/pass_rate
+                              prompt rows with a reference answer or a test command
+                              (evaluation.benchmark)
   distinct_1, distinct_2      over all responses; self_bleu across prompts (first sample
                               of each prompt), self_bleu_per_prompt among a prompt's samples
                               (n > 1 only); see evaluation.metrics
@@ -49,8 +52,9 @@ from typing import Any
 
 import torch
 
-from prefalign.errors import ConfigError, DataError
+from prefalign.errors import ConfigError
 from prefalign.evaluation import metrics as M
+from prefalign.evaluation.benchmark import Benchmark, prompt_rows
 from prefalign.evaluation.summary import METRICS, compute_intervals, compute_metrics
 from prefalign.generation import Generation, SamplingConfig, collate_generations, generate
 from prefalign.train.output_dir import check_no_overlap
@@ -75,19 +79,6 @@ class EvalResult:
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"evaluate: {message}", file=sys.stderr, flush=True)
-
-
-def prompt_list(prompts: Any) -> list[str | list[dict]]:
-    """A prompt file (anything data.prompts.load_prompts reads) or a list of prompts (text,
-    chat messages, or rows with a `prompt` field) -> the prompts."""
-    if isinstance(prompts, (str, Path)):
-        from prefalign.data.prompts import load_prompts
-
-        return [row["prompt"] for row in load_prompts(str(prompts))]
-    out = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
-    if not out:
-        raise DataError("evaluate: no prompts")
-    return out
 
 
 def prompt_display(prompt: str | Sequence[dict]) -> str:
@@ -166,10 +157,18 @@ def _sample_models(models: Mapping[str, str], prompts: list, ref_path: str,
 
 @torch.no_grad()
 def _attach_scores(samples: dict[str, list[dict]], prompts: list, key: str,
-                   score: Callable[[list, list[str]], list[float]], progress: bool) -> None:
+                   score: Callable[..., list[float]], progress: bool,
+                   extras: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """extras: each prompt row's other fields, passed on as the scorer's columns."""
     for name, rows in samples.items():
         _say(progress, f"{name}: {key} of {len(rows)} responses")
-        values = score([prompts[r["prompt_index"]] for r in rows], [r["text"] for r in rows])
+        args: tuple = ()
+        if extras is not None:
+            from prefalign.preferences.scorers import row_columns
+
+            args = (row_columns([{"extra_columns": extras[r["prompt_index"]]} for r in rows]),)
+        values = score([prompts[r["prompt_index"]] for r in rows], [r["text"] for r in rows],
+                       *args)
         for row, value in zip(rows, values):
             row[key] = float(value)
 
@@ -235,6 +234,8 @@ def evaluate(
     judge_retries: int = 2,
     bootstrap: int = 1000,
     judge_max_new_tokens: int = 64,
+    benchmark: bool | None = None,
+    benchmark_timeout: float = 10.0,
 ) -> EvalResult:
     """Sample, score and compare `models` (name -> model or adapter directory); write
     report.json, report.md, report.html, the plots and samples.jsonl to output_dir.
@@ -253,6 +254,10 @@ def evaluate(
     and .settings): the win_rate/judge* and judge/* metrics (evaluation.pairwise), asked
     with judge_template (a template text as preferences.judge reads; default its built-in)
     and judge_retries; a local judge answers in at most judge_max_new_tokens. bootstrap: resamples of the 95% intervals (0: none).
+    benchmark: the benchmark/* metrics of prompt rows with an `answer` (or `reference`) or a
+    `test` command (evaluation.benchmark); None: answers are checked when rows carry them,
+    tests are not run; True: both, and an error when no row has either; False: neither.
+    benchmark_timeout: seconds per test command.
     """
     from prefalign.evaluation.report import example_table, load_run_curves, normalize_frontier
 
@@ -279,7 +284,10 @@ def evaluate(
     if isinstance(judge, (str, Path)) and not Path(judge).is_dir():
         raise ConfigError(f"evaluate: judge model {judge} is not a directory; for a served "
                           "model give --judge-url too")
-    prompts = prompt_list(prompts)
+    prompts, extras = prompt_rows(prompts)
+    bench = Benchmark(extras, benchmark, benchmark_timeout)
+    if bench or bench.skipped_tests:
+        _say(True, bench.line())  # always: it changes what the report holds
     sampling = sampling or SamplingConfig()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Everything that can fail on a typo fails here, before minutes of sampling.
@@ -303,7 +311,9 @@ def evaluate(
         _attach_scores(samples, prompts, "reward", rm.score, progress)
         del rm
     if score is not None:
-        _attach_scores(samples, prompts, "score", score, progress)
+        _attach_scores(samples, prompts, "score", score, progress, extras)
+    if bench:
+        bench.attach(samples, [prompt_display(p) for p in prompts], progress)
     judge_info = None
     if judge is not None:
         from prefalign.evaluation.pairwise import judge_against_baseline
@@ -322,6 +332,7 @@ def evaluate(
         "baseline": baseline, "reward_model": None if reward_model is None else str(reward_model),
         "scorer": _scorer_name(scorer), "sampling": asdict(sampling),
         "num_prompts": len(prompts), "device": device, "judge": judge_info,
+        "benchmark": bench.settings() if bench else None,
     }
     table = compute_metrics(samples, baseline)
     intervals = compute_intervals(samples, baseline, bootstrap, sampling.seed)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefalign.evaluation import metrics as M
+from prefalign.evaluation.benchmark import benchmark_values
 
 # name -> (table label, description); the order is the comparison table's.
 METRICS: dict[str, tuple[str, str]] = {
@@ -34,6 +35,11 @@ METRICS: dict[str, tuple[str, str]] = {
                         "when the order was swapped"),
     "judge/unjudged": ("unjudged pairs", "pairs left out of the judge's rates: an order whose "
                        "answer never parsed"),
+    "benchmark/accuracy": ("accuracy", "fraction of the samples of prompts with a reference "
+                           "answer whose final answer (last \\boxed{} or number; text: last "
+                           "line) matches it"),
+    "benchmark/pass_rate": ("pass rate", "fraction of the samples of prompts with a test "
+                            "command for which the command exits 0 on the response's code"),
     "kl": ("KL", "KL(model || reference) in nats per response: mean over the model's samples "
            "of log p_model - log p_ref summed over response tokens (temperature 1)"),
     "length": ("length", "mean response length in tokens, EOS included"),
@@ -52,7 +58,8 @@ def compute_metrics(samples: Mapping[str, list[dict[str, Any]]], baseline: str,
     """Per model, every METRICS entry from its samples (see the module docstring).
 
     A sample dict holds prompt_index, candidate, text, length, finished, logp, ref_logp
-    (None: no KL) and optionally reward and score. Every model has the same (prompt,
+    (None: no KL) and optionally reward, score and benchmark_correct / benchmark_passed
+    (evaluation.benchmark). Every model has the same (prompt,
     candidate) rows in the same order, the baseline's included.
     """
     base = samples[baseline]
@@ -73,6 +80,8 @@ def compute_metrics(samples: Mapping[str, list[dict[str, Any]]], baseline: str,
                 m["win_rate/judge_lc"] = M.length_controlled_win_rate(verdicts, diffs)
             if flips:
                 m["judge/flip_rate"] = statistics.fmean(flips)
+        for key, pairs in benchmark_values(rows).items():
+            m[key] = statistics.fmean(v for v, _ in pairs)
         if all(r["ref_logp"] is not None for r in rows):
             m["kl"] = M.kl_from_samples([r["logp"] for r in rows], [r["ref_logp"] for r in rows])
         m["length"] = statistics.fmean(r["length"] for r in rows)
@@ -109,7 +118,7 @@ def compute_intervals(samples: Mapping[str, list[dict[str, Any]]], baseline: str
                       ) -> dict[str, dict[str, dict[str, Any]]]:
     """{model: {metric: {"value", "ci95": [lo, hi]}}}: the 95% bootstrap interval over
     prompts of each headline number compute_metrics gives (reward/mean, score/mean,
-    win_rate/*, judge/flip_rate, kl); {} when resamples is 0 or there are fewer than two
+    win_rate/*, judge/flip_rate, benchmark/*, kl); {} when resamples is 0 or there are fewer than two
     prompts (one prompt resampled is always itself: a zero-width interval that would
     claim a certainty the data does not have)."""
     base = samples[baseline]
@@ -125,6 +134,7 @@ def compute_intervals(samples: Mapping[str, list[dict[str, Any]]], baseline: str
                 per[f"win_rate/{key}"] = [
                     (1.0 if r[key] > b[key] else 0.5 if r[key] == b[key] else 0.0,
                      r["prompt_index"]) for r, b in zip(rows, base)]
+        per.update(benchmark_values(rows))
         if all(r["ref_logp"] is not None for r in rows):
             per["kl"] = [(r["logp"] - r["ref_logp"], r["prompt_index"]) for r in rows]
         if rows and all("judge_verdict" in r for r in rows):

@@ -31,6 +31,9 @@ Built-ins score 0.0 or 1.0 (length with falloff > 0 also scores in between):
       shell line and each placeholder stays one argument; a first word "python" means this
       interpreter (sys.executable). Nothing is sandboxed beyond the temporary directory and
       the timeout: the code runs with your rights and environment, so run it in a container.
+  math_answer  the response's final answer (last \\boxed{...}, else last number; a text
+      answer: last line) equals the row's `answer` (else `reference`) column, numbers to a
+      relative 1e-6, text after case and whitespace normalisation (preferences.answer_check).
 """
 
 from __future__ import annotations
@@ -328,6 +331,26 @@ class Command(Scorer):
         return CommandResult(code, out.decode("utf-8", "replace")[-4000:])
 
 
+class MathAnswer(Scorer):
+    """1.0 when the response's final answer matches the row's `answer` (else `reference`)."""
+
+    name = "math_answer"
+
+    def _score_columns(self, prompts: list[str], responses: list[str],
+                       columns: dict[str, list[Any]]) -> list[float]:
+        from prefalign.preferences.answer_check import check_answer
+
+        key = "answer" if "answer" in columns else "reference" if "reference" in columns else None
+        if key is None:
+            raise PrefalignError(f"scorer math_answer needs an 'answer' (or 'reference') column "
+                                 f"in the prompt rows (their other columns: "
+                                 f"{', '.join(sorted(columns)) or 'none'})")
+        return [float(check_answer(r, a)) for r, a in zip(responses, columns[key])]
+
+    def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self._score_columns(prompts, responses, {})
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         if hasattr(os, "killpg"):
@@ -479,4 +502,6 @@ BUILTINS: dict[str, tuple[type, dict[str, str], str]] = {
                 "command(cmd='python {file}',timeout=10,shell=false,filename=solution.py,"
                 "workers=1): 1 when cmd exits 0 on the response's code; EXECUTES MODEL-WRITTEN "
                 "CODE"),
+    "math_answer": (MathAnswer, {}, "math_answer: 1 when the last \\boxed{} or number (text: "
+                    "last line) equals the row's `answer` column"),
 }
