@@ -104,3 +104,20 @@ def gpt2_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", unk_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
+
+
+def save_noisy_copy(model_dir, tokenizer, directory, scale: float = 0.05, seed: int = 0):
+    """Save a copy of the model in `model_dir` with N(0, scale^2) noise added to every
+    weight (a 'tuned' model that differs from its base everywhere) into `directory`."""
+    import torch
+
+    from prefalign.models import load_causal_lm
+
+    tuned = load_causal_lm(str(model_dir))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    tuned.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -5,15 +5,13 @@ import argparse
 import json
 
 import pytest
-import torch
 
-from helpers import ScriptedServer, write_jsonl
+from helpers import ScriptedServer, save_noisy_copy, write_jsonl
 from prefalign.errors import ConfigError
 from prefalign.evaluation import compute_metrics, evaluate
 from prefalign.evaluation.command import add_arguments, run_evaluate
 from prefalign.evaluation.pairwise import EMPTY, judge_against_baseline
 from prefalign.generation import SamplingConfig
-from prefalign.models import load_causal_lm
 from test_judge import rigged_judge
 
 
@@ -82,13 +80,7 @@ def test_content_judge_wins_and_unjudged_pairs_are_counted():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer, tiny_model_dir):
     root = tmp_path_factory.mktemp("eval-judge")
-    tuned = load_causal_lm(str(tiny_model_dir))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    tuned.save_pretrained(root / "tuned")
-    tokenizer.save_pretrained(root / "tuned")
+    save_noisy_copy(tiny_model_dir, tokenizer, root / "tuned")
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"The film {i}:"} for i in range(4)])
     return {"base": str(tiny_model_dir), "tuned": str(root / "tuned"), "prompts": prompts,
             "root": root}

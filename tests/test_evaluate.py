@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from helpers import write_jsonl
+from helpers import save_noisy_copy, write_jsonl
 from prefalign.evaluation import compute_metrics, evaluate, write_report
 from prefalign.evaluation.command import add_arguments, parse_named, run_evaluate
 from prefalign.evaluation.report import md_text
@@ -27,13 +27,7 @@ def dirs(tmp_path_factory, tokenizer, tiny_model_dir):
     """base (the shared tiny model), tuned (base with noise on every weight), a reward model
     built from another tiny model, and a fake DPO run."""
     root = tmp_path_factory.mktemp("eval")
-    tuned = load_causal_lm(str(tiny_model_dir))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    tuned.save_pretrained(root / "tuned")
-    tokenizer.save_pretrained(root / "tuned")
+    save_noisy_copy(tiny_model_dir, tokenizer, root / "tuned")
     rm = RewardModel.from_causal_lm(build_model(tokenizer, seed=2), tokenizer.pad_token_id)
     rm.save_pretrained(root / "rm", tokenizer)
     (root / "run").mkdir()

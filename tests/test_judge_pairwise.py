@@ -1,9 +1,7 @@
 """Judges you can trust: listwise order shuffling, pairwise judging in both orders (position
 flips caught), ties, and confidence from a local model's logits or repeated API asks."""
 
-import argparse
 import copy
-import json
 import math
 
 import pytest
@@ -16,16 +14,7 @@ from prefalign.preferences import judge as judge_module
 from prefalign.preferences.judge import judge_batch, judge_preferences
 from prefalign.preferences.pairwise import combine, majority, parse_choice
 from prefalign.tiny import build_model
-
-
-def lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    judge_module.add_arguments(parser)
-    return judge_module.run(parser.parse_args(argv))
+from test_judge import lines, run_cli
 
 
 class TextJudge:
