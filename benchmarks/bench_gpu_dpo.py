@@ -166,13 +166,13 @@ def save(path: str | None, device: str, per_pair: float, flops: float, results: 
                                          indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="prefalign,prefalign+shared,prefalign+chunk,"
-                        "prefalign+gc,trl-fast,trl-default")
+def gpu_parser(description: str, modes: str, steps: int) -> argparse.ArgumentParser:
+    """The options of a GPU benchmark (this one and bench_gpu_reward.py), worker ones hidden."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--modes", default=modes)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak of this GPU")
@@ -182,10 +182,16 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args)
+    return parser
 
+
+def compare(script: str, args: argparse.Namespace, title: str, flops_of,
+            words_per_token: float | None = None) -> None:
+    """The parent process of a GPU benchmark: write the model and data, run each mode in a
+    process of its own `--repeats` times (`script --worker MODE`), and report the median
+    tokens/s, peak memory and MFU; --json is rewritten after each mode, so a time-out keeps
+    what finished. flops_of(shape, sequence lengths) gives one step's FLOPs; rows have
+    words_per_token * max_length words each (default: write_setup's)."""
     import statistics
     import subprocess
 
@@ -194,26 +200,27 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        raise SystemExit("bench_gpu_dpo.py needs a CUDA GPU (or --smoke for a tiny CPU run)")
+        raise SystemExit(f"{Path(script).name} needs a CUDA GPU (or --smoke for a tiny CPU run)")
     shape = SMOKE if args.smoke else QWEN2_05B
     if args.smoke:
         args.max_length, args.steps, args.warmup = min(args.max_length, 64), 4, 1
-    root = Path(tempfile.mkdtemp(prefix="bench-gpu-dpo-"))
-    model, data = write_setup(root, shape, args.batch_size * (args.steps + 2), args.max_length)
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{Path(script).stem}-"))
+    words = int(args.max_length * words_per_token) if words_per_token else None
+    model, data = write_setup(root, shape, args.batch_size * (args.steps + 2), args.max_length,
+                              words=words)
     sys.path.insert(0, str(HERE))
     from common import tokens_per_pair
 
     per_pair = tokens_per_pair(model, data, args.max_length)
     # Two sequences per pair of about per_pair / 2 tokens each: the attention term's L.
-    lengths = [per_pair / 2] * (2 * args.batch_size)
-    flops = step_flops(shape, lengths)
+    flops = flops_of(shape, [per_pair / 2] * (2 * args.batch_size))
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     results = {}
     for mode in args.modes.split(","):
         runs = []
         for _ in range(args.repeats):
-            cmd = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--data",
+            cmd = [sys.executable, script, "--worker", mode, "--model", str(model), "--data",
                    str(data), "--batch-size", str(args.batch_size), "--max-length",
                    str(args.max_length), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--device", "cuda" if cuda else "cpu"]
@@ -227,15 +234,16 @@ def main() -> None:
             save(args.json, device_name, per_pair, flops, results)
             continue
         r = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None
-             for k in ("steps_per_s", "peak_mem_gb", "peak_reserved_gb")}
+             for k in runs[0] if k != "mode"}
         r["tokens_per_s"] = r["steps_per_s"] * args.batch_size * per_pair
         r["mfu"] = flops * r["steps_per_s"] / (peak * 1e12) if peak else None
         results[mode] = r
-        save(args.json, device_name, per_pair, flops, results)  # after each mode: a time-out keeps them
+        save(args.json, device_name, per_pair, flops, results)
     started = time.strftime("%Y-%m-%d %H:%M")
-    print(f"DPO, Qwen2-0.5B shapes{' (smoke: tiny)' if args.smoke else ''}, bf16, LoRA r={LORA_R} "
-          f"(+full: full fine-tuning), batch {args.batch_size} pairs, {per_pair:.0f} tokens per pair, on {device_name}, "
-          f"{started}, median of {args.repeats}")
+    print(f"{title}, Qwen2-0.5B shapes{' (smoke: tiny)' if args.smoke else ''}, bf16, "
+          f"LoRA r={LORA_R} (+full: full fine-tuning), batch {args.batch_size} pairs, "
+          f"{per_pair:.0f} tokens per pair, on {device_name}, {started}, "
+          f"median of {args.repeats}")
     print(f"{'mode':<22} {'tokens/s':>9} {'peak GB':>8} {'MFU':>6}")
     for mode, r in results.items():
         if "error" in r:
@@ -244,7 +252,15 @@ def main() -> None:
         mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{mode:<22} {r['tokens_per_s']:>9.0f} {mem:>8} {mfu:>6}")
-    save(args.json, device_name, per_pair, flops, results)
+
+
+def main() -> None:
+    parser = gpu_parser(__doc__.splitlines()[0], "prefalign,prefalign+shared,prefalign+chunk,"
+                        "prefalign+gc,trl-fast,trl-default", steps=30)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    compare(__file__, args, "DPO", step_flops)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ attention FLOPs per sequence of L tokens = 3 passes * 4 * layers * hidden * L^2.
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_gpu_dpo import LORA_R, PEAK_TFLOPS, QWEN2_05B, SMOKE, matmul_params, write_setup  # noqa: E402
+from bench_gpu_dpo import LORA_R, compare, gpu_parser, matmul_params  # noqa: E402
 
 
 def step_flops(shape: dict, sequence_lengths: list[float]) -> float:
@@ -90,85 +87,15 @@ def worker(args) -> None:
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
 
-def save(path: str | None, device: str, per_pair: float, flops: float, results: dict) -> None:
-    if path:
-        Path(path).write_text(json.dumps({"device": device, "per_pair": per_pair,
-                                          "flops_per_step": flops, "results": results},
-                                         indent=2) + "\n")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="prefalign,trl-fast,prefalign+full,trl-fast+full")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak of this GPU")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes; a CPU will do")
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser = gpu_parser(__doc__.splitlines()[0],
+                        "prefalign,trl-fast,prefalign+full,trl-fast+full", steps=20)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-
-    import torch
-    from common import tokens_per_pair
-
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("bench_gpu_reward.py needs a CUDA GPU (or --smoke for a tiny CPU run)")
-    shape = SMOKE if args.smoke else QWEN2_05B
-    if args.smoke:
-        args.max_length, args.steps, args.warmup = min(args.max_length, 64), 4, 1
-    root = Path(tempfile.mkdtemp(prefix="bench-gpu-reward-"))
     # TRL's RewardTrainer drops pairs over max_length instead of truncating them: rows
     # of a third of max_length words each fit whole.
-    model, data = write_setup(root, shape, args.batch_size * (args.steps + 2), args.max_length,
-                              words=args.max_length // 3)
-    per_pair = tokens_per_pair(model, data, args.max_length)
-    flops = step_flops(shape, [per_pair / 2] * (2 * args.batch_size))
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-    results = {}
-    for mode in args.modes.split(","):
-        runs, error = [], None
-        for _ in range(args.repeats):
-            cmd = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--data",
-                   str(data), "--batch-size", str(args.batch_size), "--max-length",
-                   str(args.max_length), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--device", "cuda" if cuda else "cpu"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                error = proc.stderr.strip().splitlines()[-1:] or ["failed"]
-                break
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        if error:
-            results[mode] = {"error": error}
-            save(args.json, device_name, per_pair, flops, results)
-            continue
-        r = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None
-             for k in ("steps_per_s", "peak_mem_gb")}
-        r["tokens_per_s"] = r["steps_per_s"] * args.batch_size * per_pair
-        r["mfu"] = flops * r["steps_per_s"] / (peak * 1e12) if peak else None
-        results[mode] = r
-        save(args.json, device_name, per_pair, flops, results)  # after each mode: a time-out keeps them
-    print(f"reward model, Qwen2-0.5B shapes{' (smoke: tiny)' if args.smoke else ''}, bf16, "
-          f"LoRA r={LORA_R} (+full: full fine-tuning), batch {args.batch_size} pairs, "
-          f"{per_pair:.0f} tokens per pair, on {device_name}, median of {args.repeats}")
-    for mode, r in results.items():
-        if "error" in r:
-            print(f"{mode:<22} failed: {r['error'][0][:200]}")
-            continue
-        mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{mode:<22} {r['tokens_per_s']:>9.0f} tokens/s {mem:>8} GB {mfu:>6}")
-    save(args.json, device_name, per_pair, flops, results)
+    compare(__file__, args, "reward model", step_flops, words_per_token=1 / 3)
 
 
 if __name__ == "__main__":
