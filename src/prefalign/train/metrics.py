@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from prefalign.errors import ConfigError, writing
+from prefalign.errors import ConfigError, write_files, writing
 
 # Gathers one picklable object from every process: [object of rank 0, rank 1, ...].
 Gather = Callable[[Any], list[Any]]
@@ -118,9 +117,7 @@ class MetricLogger:
             except json.JSONDecodeError:
                 break  # a line cut by a crash ends the valid part
         # Replaced whole, so a full disk cannot leave the metrics of earlier steps cut off.
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), "utf-8")
-        os.replace(tmp, self.path)
+        write_files({self.path: "".join(k + "\n" for k in keep)})
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
