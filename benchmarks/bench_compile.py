@@ -27,7 +27,7 @@ def child(args) -> None:
     from common import stamp, write_model_and_data
 
     from prefalign.algorithms.dpo import DPO, DPOConfig
-    from prefalign.algorithms.reference import ReferenceScorer
+    from prefalign.algorithms.reference import AdaptersOff
     from prefalign.data import load_preferences
     from prefalign.logprobs import LogpsModel
     from prefalign.lora import apply_lora
@@ -42,7 +42,7 @@ def child(args) -> None:
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=16, alpha=32)
     if args.child == "compile":
         model.base_model.compile()  # the backbone; the chunked LM head stays eager
-    algorithm = DPO(DPOConfig(model="m", data="d"), tokenizer.pad_token_id, ReferenceScorer(None))
+    algorithm = DPO(DPOConfig(model="m", data="d"), tokenizer.pad_token_id, AdaptersOff())
     policy = LogpsModel(model.train())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     start, stamps, losses = time.perf_counter(), [], []

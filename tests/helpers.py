@@ -3,10 +3,14 @@
 import json
 import random
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+
+from prefalign.batches import Batch
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -121,3 +125,18 @@ def save_noisy_copy(model_dir, tokenizer, directory, scale: float = 0.05, seed: 
     tuned.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@dataclass
+class RegressionBatch(Batch):
+    """The toy regressions' batch: x (B, 3), y (B,); ids: the rows' ids when kept."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: list | None = None
+    stand_in: bool = False
+
+
+def regression_batch(features: list[dict]) -> RegressionBatch:
+    return RegressionBatch(torch.tensor([f["x"] for f in features]),
+                           torch.tensor([f["y"] for f in features]))

@@ -1,10 +1,10 @@
-"""The math/text answer check (preferences.answer_check), by hand, and its scorer."""
+"""The math/text answer check (scoring.answer_check), by hand, and its scorer."""
 
 import pytest
 
 from prefalign.errors import PrefalignError
-from prefalign.preferences.answer_check import check_answer, last_boxed, last_number, parse_number
-from prefalign.preferences.scorer_spec import load_scorer
+from prefalign.scoring import load_scorer
+from prefalign.scoring.answer_check import check_answer, last_boxed, last_number, parse_number
 
 
 @pytest.mark.parametrize("response, answer, right", [

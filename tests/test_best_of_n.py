@@ -7,14 +7,18 @@ from collections import Counter
 import pytest
 
 from helpers import write_jsonl
+from prefalign.config import add_config_arguments, config_from_args
 from prefalign.data import load_preferences
 from prefalign.errors import ConfigError, DataError
+from prefalign.generation import SamplingOptions
 from prefalign.preferences import best_of_n
 from prefalign.preferences.annotate import read_items
-from prefalign.preferences.best_of_n import generate_preferences, select_pairs, sidecar
-from prefalign.preferences.scorers import Scorer
+from prefalign.preferences.best_of_n import generate_preferences, select_pairs
+from prefalign.preferences.journal import sidecar
+from prefalign.scoring import Scorer
 
-SETTINGS = dict(num_candidates=4, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
+SETTINGS = dict(num_candidates=4, sampling=SamplingOptions(max_new_tokens=8, temperature=1.0),
+                seed=3, progress=False)
 
 
 class LengthScorer(Scorer):
@@ -159,13 +163,13 @@ def test_changed_input_is_reported(tmp_path, tiny_model_dir, prompts):
 
 def test_command_line(tmp_path, tiny_model_dir, prompts, capsys):
     parser = argparse.ArgumentParser()
-    best_of_n.add_arguments(parser)
+    add_config_arguments(parser, best_of_n.GenerateConfig)
     out = tmp_path / "cli.jsonl"
-    args = parser.parse_args([
+    args = config_from_args(best_of_n.GenerateConfig, parser.parse_args([
         "--model", str(tiny_model_dir), "--data", prompts, "--scorer", "length(max=5,falloff=50)",
         "--output", str(out), "--num-candidates", "3", "--max-new-tokens", "6",
         "--pairing", "all", "--min-gap", "0.01", "--seed", "1", "--batch-size", "6",
-        "--top-p", "0.9", "--temperature", "0.8", "--keep-candidates", "--source", "synthetic"])
+        "--top-p", "0.9", "--temperature", "0.8", "--keep-candidates", "--source", "synthetic"]))
     assert best_of_n.run(args) == 0
     printed = capsys.readouterr().out
     assert "6 prompts (6 generated now, 0 before)" in printed and str(out) in printed

@@ -44,7 +44,7 @@ def test_quick_demo_runs_the_whole_pipeline_and_reuses_stages(tmp_path, capsys):
 
 
 def test_curve_at_interpolates_in_kl_order_and_never_extrapolates():
-    from prefalign.demo.pipeline import curve_at
+    from prefalign.demo.findings import curve_at
 
     points = [(4.0, 0.6), (2.0, 0.4)]            # given out of order
     assert curve_at(points, 3.0) == pytest.approx(0.5)
@@ -54,7 +54,7 @@ def test_curve_at_interpolates_in_kl_order_and_never_extrapolates():
 
 
 def test_frontier_comparison_is_point_by_point():
-    from prefalign.demo.pipeline import compare_frontiers
+    from prefalign.demo.findings import compare_frontiers
 
     dpo = [(2.0, 0.5, "beta=0.5"), (6.0, 0.7, "beta=0.1")]
     ppo = [(3.0, 0.4, "kl=0.2"), (5.0, 0.8, "kl=0.05"), (9.0, 0.9, "kl=0.02")]
@@ -72,27 +72,36 @@ def test_frontier_comparison_is_point_by_point():
     assert "do not overlap" in compare_frontiers(("DPO", "PPO"), (dpo, far))
 
 
-def test_frontier_differences_within_the_noise_are_ties():
-    from prefalign.demo.pipeline import compare_frontiers
+def test_a_frontier_difference_inside_its_interval_is_not_distinguishable():
+    from prefalign.demo.findings import compare_frontiers
 
-    dpo = [(2.0, 0.50, "beta=0.5"), (6.0, 0.70, "beta=0.1")]
-    ppo = [(3.0, 0.54, "kl=0.2"), (5.0, 0.80, "kl=0.05")]
-    # DPO's curve: 0.55 at KL 3 (PPO 0.54: within 0.02), 0.65 at KL 5 (PPO 0.80: PPO higher)
-    line = compare_frontiers(("DPO", "PPO"), (dpo, ppo), tie=0.02)
-    assert "differences up to 0.020 count as ties" in line
-    assert "PPO kl=0.2 (KL 3.00): PPO 0.540 vs DPO 0.550, a tie" in line
-    assert "PPO's frontier is higher at 1 of 2 comparable points and tied at 1" in line
-    assert "tied at all 2" in compare_frontiers(("DPO", "PPO"), (dpo, ppo), tie=0.2)
+    # hand-made 95% intervals, each +-0.02: a difference's interval is +-0.02*sqrt(2) = 0.028
+    dpo = [(2.0, 0.50, "beta=0.5", [0.48, 0.52]), (6.0, 0.70, "beta=0.1", [0.68, 0.72])]
+    ppo = [(3.0, 0.54, "kl=0.2", [0.52, 0.56]), (5.0, 0.80, "kl=0.05", [0.78, 0.82])]
+    # DPO's curve: 0.55 at KL 3 (PPO 0.54: -0.01, inside), 0.65 at KL 5 (PPO 0.80: outside)
+    line = compare_frontiers(("DPO", "PPO"), (dpo, ppo))
+    assert ("PPO kl=0.2 (KL 3.00): PPO 0.540 vs DPO 0.550, not distinguishable (difference "
+            "-0.010 within its 95% interval +-0.028)") in line
+    assert "PPO kl=0.05 (KL 5.00): PPO 0.800 vs DPO 0.650, PPO higher" in line
+    assert "PPO's frontier is higher at 1 of 2 comparable points and not distinguishable at 1" in line
+    # the same point 0.04 below DPO's curve: outside its interval, a win for DPO
+    lower = [(3.0, 0.51, "kl=0.2", [0.49, 0.53]), ppo[1]]
+    line = compare_frontiers(("DPO", "PPO"), (dpo, lower))
+    assert "PPO kl=0.2 (KL 3.00): PPO 0.510 vs DPO 0.550, DPO higher" in line
+    assert "the frontiers cross: DPO higher at 1, PPO at 1 of 2 comparable points" in line
+    wide = [(k, r, lab, [r - 0.5, r + 0.5]) for k, r, lab, _ in ppo]
+    assert "not distinguishable at any of the 2 comparable points" in compare_frontiers(
+        ("DPO", "PPO"), (dpo, wide))
 
 
-def test_score_standard_errors_average_a_prompts_samples_first(tmp_path):
-    import json as _json
+def test_frontier_points_carry_the_evaluations_intervals():
+    from prefalign.demo.findings import frontiers
 
-    from prefalign.demo.pipeline import score_standard_errors
-
-    rows = [{"model": "m", "prompt_index": i, "score": s}
-            for i, pair in enumerate([(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)]) for s in pair]
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
-    # prompt means 0.5, 1.0, 0.0: sample stdev 0.5, over sqrt(3) prompts
-    assert score_standard_errors(path)["m"] == pytest.approx(0.5 / 3 ** 0.5)
+    table = {name: {"kl": kl, "score/mean": 0.5} for name, kl in
+             (("dpo", 1.0), ("ppo", 2.0), ("ppo-kl0.2", 3.0))}
+    intervals = {"dpo": {"score/mean": {"value": 0.5, "ci95": [0.45, 0.56]}},
+                 "ppo": {"score/mean": {"value": 0.5, "ci95": [0.4, 0.6]}}}
+    front = frontiers(table, {0.1: "dpo"}, {0.05: "ppo", 0.2: "ppo-kl0.2"}, intervals)
+    assert front["DPO (beta sweep)"] == [(1.0, 0.5, "beta=0.1", [0.45, 0.56])]
+    assert front["PPO (KL-coefficient sweep)"] == [(2.0, 0.5, "kl=0.05", [0.4, 0.6]),
+                                                   (3.0, 0.5, "kl=0.2", None)]

@@ -30,8 +30,8 @@ from prefalign.algorithms.sft import SFTConfig, run_sft
 from prefalign.errors import PrefalignError
 from prefalign.train import distributed
 from prefalign.train.checkpoint import STATE_FILE, load_checkpoint
-from prefalign.train.loop import split_window
 from prefalign.train.metrics import MetricWindow, read_metrics
+from prefalign.train.window import split_window
 
 ROOT = Path(__file__).parents[1]
 LAUNCH_TIMEOUT_S = 300
@@ -376,7 +376,7 @@ def test_ppo_whitening_uses_every_process_rollouts():
     """Advantages whitened per process with global statistics equal one process whitening
     all rollouts: rows 0-1 on process 0, rows 2-4 on process 1, ragged masks."""
     from prefalign.algorithms.ppo import PPO, PPOConfig
-    from prefalign.rl import masked_whiten
+    from prefalign.masked import masked_whiten
 
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
     mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.3
@@ -385,7 +385,7 @@ def test_ppo_whitening_uses_every_process_rollouts():
     def run(rank):
         ppo = PPO(PPOConfig(model="m", data="d", reward_fn="x"), None, None,
                   ThreadedAccelerator(rank))
-        out[rank] = ppo._whiten(*parts[rank])
+        out[rank] = masked_whiten(*parts[rank], reduce=ppo.sum_across)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:

@@ -1,5 +1,6 @@
 """DPO through the one training loop: invariances, resume, learning, CLI artifacts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -61,7 +62,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data):
 
     shutil.rmtree(ckpts[-1])
     shutil.rmtree(out / "final")
-    part.resume = True
+    part = dataclasses.replace(part, resume=True)
     run_dpo(part)
     a, b = final_adapter(tmp_path / "full" / "out"), final_adapter(out)
     for key in a:

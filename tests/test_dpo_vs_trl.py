@@ -9,7 +9,7 @@ import torch
 
 from helpers import preference_rows
 from prefalign.algorithms.dpo import DPO, DPOConfig
-from prefalign.algorithms.reference import ReferenceScorer
+from prefalign.algorithms.reference import FrozenCopy
 from prefalign.data import collate_preferences, load_preferences
 from prefalign.logprobs import LogpsModel
 
@@ -80,7 +80,7 @@ def test_loss_rewards_logps_and_gradients_equal_trl(setup):
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     config = DPOConfig(model="x", data="x", beta=0.1, lora_r=0)
-    dpo = DPO(config, tokenizer.pad_token_id, ReferenceScorer(copy.deepcopy(reference)))
+    dpo = DPO(config, tokenizer.pad_token_id, FrozenCopy(copy.deepcopy(reference)))
     features, _ = load_preferences(rows, tokenizer)
     ours_model = LogpsModel(policy.train())
     loss, metrics = dpo.compute_loss(ours_model, dpo.collate(features))

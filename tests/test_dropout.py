@@ -18,15 +18,23 @@ from helpers import preference_rows
 from prefalign.algorithms.dpo import DPO, DPOConfig
 from prefalign.algorithms.kto import KTOConfig
 from prefalign.algorithms.ppo import PPOConfig
-from prefalign.algorithms.reference import ReferenceScorer
+from prefalign.algorithms.reference import AdaptersOff, FrozenCopy
 from prefalign.algorithms.reward import RewardConfig
-from prefalign.algorithms.runner import start_run
 from prefalign.algorithms.sft import SFTConfig
 from prefalign.config import add_config_arguments, build_config, config_from_args
 from prefalign.data import collate_preferences, load_preferences
 from prefalign.errors import ConfigError
 from prefalign.logprobs import LogpsModel
 from prefalign.lora import ADAPTER_WEIGHTS, lora_layers, save_adapter
+from prefalign.train.run import Run
+
+
+def start_run(config):
+    """Run.open, then the trainable model, as a trainer's run does before its loop."""
+    run = Run.open(config)
+    run.load_model()
+    return run
+
 
 IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 29, 2], [7, 7, 19, 23, 31, 4, 6, 9]])
 MASK = torch.ones_like(IDS)
@@ -138,7 +146,7 @@ def test_lora_dpo_with_dropout_equals_trl(tmp_path, make_model, tokenizer):
     trl_loss.backward()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    dpo = DPO(run.config, tokenizer.pad_token_id, ReferenceScorer(None))
+    dpo = DPO(run.config, tokenizer.pad_token_id, AdaptersOff())
     features, _ = load_preferences(rows, tokenizer)
     torch.manual_seed(1)  # other dropout draws: only an off dropout makes them agree
     loss, metrics = dpo.compute_loss(LogpsModel(run.model.train()),
@@ -211,7 +219,7 @@ def test_kto_with_dropout_equals_trl(tmp_path, make_model, tokenizer):
     run = start_run(KTOConfig(model=str(policy_dir), data="unused.jsonl", lora_r=0,
                               output_dir=tempfile.mkdtemp(dir=tmp_path), **weights))
     frozen = AutoModelForCausalLM.from_pretrained(reference_dir)
-    kto = KTO(run.config, tokenizer.pad_token_id, ReferenceScorer(frozen))
+    kto = KTO(run.config, tokenizer.pad_token_id, FrozenCopy(frozen))
     features, _ = load_unpaired(rows, tokenizer)
     torch.manual_seed(1)  # other dropout draws: only an off dropout makes them agree
     loss, metrics = kto.compute_loss(LogpsModel(run.model.train()), kto.collate(features))

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from helpers import ScriptedServer, save_noisy_copy, write_jsonl
+from prefalign.config import add_config_arguments, config_from_args
 from prefalign.errors import ConfigError
 from prefalign.evaluation import compute_metrics, evaluate
-from prefalign.evaluation.command import add_arguments, run_evaluate
+from prefalign.evaluation.command import EvaluateConfig, run_evaluate
 from prefalign.evaluation.pairwise import EMPTY, judge_against_baseline
 from prefalign.generation import SamplingConfig
 from test_judge import rigged_judge
@@ -88,8 +89,8 @@ def models(tmp_path_factory, tokenizer, tiny_model_dir):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
+    add_config_arguments(parser, EvaluateConfig)
+    return config_from_args(EvaluateConfig, parser.parse_args(argv))
 
 
 def test_http_judge_through_the_command(models, tmp_path, monkeypatch):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from helpers import save_noisy_copy, write_jsonl
+from prefalign.config import add_config_arguments, config_from_args
 from prefalign.evaluation import compute_metrics, evaluate, write_report
-from prefalign.evaluation.command import add_arguments, parse_named, run_evaluate
-from prefalign.evaluation.report import md_text
+from prefalign.evaluation.command import EvaluateConfig, parse_named, run_evaluate
+from prefalign.evaluation.report_markdown import md_text
 from prefalign.generation import SamplingConfig, generate
-from prefalign.models import load_causal_lm
-from prefalign.reward_model import RewardModel
+from prefalign.models import RewardModel, load_causal_lm
 from prefalign.tiny import build_model
 
 PROMPTS = ["The film 1:", "<script>alert(1)</script> says", [{"role": "user", "content": "Hi"}]]
@@ -147,13 +147,13 @@ def test_model_text_is_escaped_in_every_format(tmp_path):
 
 def test_cli_function(dirs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_config_arguments(parser, EvaluateConfig)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "The film 2:"}, {"prompt": "Hi"}])
     out = tmp_path / "report"
-    args = parser.parse_args([
+    args = config_from_args(EvaluateConfig, parser.parse_args([
         "--models", f"base={dirs['base']}", f"tuned={dirs['tuned']}", "--prompts", prompts,
         "--scorer", "length(max=10)", "--baseline", "tuned", "--output-dir", str(out),
-        "--max-new-tokens", "4", "--seed", "1", "--num-examples", "1", "--finding", "first"])
+        "--max-new-tokens", "4", "--seed", "1", "--num-examples", "1", "--finding", "first"]))
     path = run_evaluate(args)
     assert capsys.readouterr().out.strip() == str(out / "report.html") == str(path)
     report = json.loads((out / "report.json").read_text("utf-8"))

@@ -2,16 +2,18 @@
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from helpers import write_jsonl
+from prefalign.config import add_config_arguments, config_from_args
 from prefalign.errors import ConfigError, DataError
 from prefalign.evaluation import evaluate
-from prefalign.evaluation.command import add_arguments
+from prefalign.evaluation.command import EvaluateConfig
 from prefalign.generation import SamplingConfig, generate
 from prefalign.models import load_causal_lm, load_tokenizer
-from prefalign.preferences.answer_check import last_number
+from prefalign.scoring.answer_check import last_number
 
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0, n=1, seed=0, batch_size=8)
 TEXTS = ["The film 1:", "Count: 3, 4,", "Hello there", "def add(a, b):", "x =", "print("]
@@ -84,8 +86,10 @@ def test_bad_benchmark_input_fails_before_sampling(tiny_model_dir, tmp_path):
                  tmp_path / "o", benchmark=True, progress=False)
     with pytest.raises(DataError, match="row 1: field 'answer' must be a number or text"):
         evaluate(model, [{"prompt": "a", "answer": [1, 2]}], tmp_path / "o", progress=False)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    argparser = argparse.ArgumentParser()
+    add_config_arguments(argparser, EvaluateConfig)
+    parser = SimpleNamespace(  # flags -> EvaluateConfig, as the command reads them
+        parse_args=lambda argv: config_from_args(EvaluateConfig, argparser.parse_args(argv)))
     args = parser.parse_args(["--models", "m", "--prompts", "p", "--benchmark",
                               "--benchmark-timeout", "3"])
     assert args.benchmark is True and args.benchmark_timeout == 3.0

@@ -147,7 +147,7 @@ def fail_writes(monkeypatch, site, out):
         def save_config(config, path):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-        monkeypatch.setattr("prefalign.algorithms.runner.save_config", save_config)
+        monkeypatch.setattr("prefalign.train.run.save_config", save_config)
         return out / "config.yaml", os.strerror(errno.EROFS)
     if site == "checkpoint":  # the disk fills up while checkpoint 3 is written
         import prefalign.train.checkpoint as checkpoint
@@ -179,7 +179,7 @@ def fail_writes(monkeypatch, site, out):
         (Path(directory) / "adapter_config.json").write_text("{}", "utf-8")
         raise enospc
 
-    monkeypatch.setattr("prefalign.algorithms.runner.save_policy", save_policy)
+    monkeypatch.setattr("prefalign.train.run.save_policy", save_policy)
     return out / "final", enospc.strerror
 
 
@@ -212,8 +212,8 @@ def test_full_disk_or_read_only_folder_is_one_line_and_keeps_checkpoints(
 
 def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path):
     """A crash after an item's rows reached the output files but before its commit line
-    (best_of_n.Journal, shared by generate and judge): the rerun cuts the files back to the
-    last commit and writes the item once. The torn-line case is in test_best_of_n."""
+    (preferences.journal.Journal, shared by generate and judge): the rerun cuts the files
+    back to the last commit and writes the item once. The torn-line case is in test_best_of_n."""
     rows = [{"prompt": f"q{i}", "candidates": [f"a{i}", f"b{i}"]} for i in range(5)]
     data = write_jsonl(tmp_path / "c.jsonl", rows)
     out, judgments = tmp_path / "pairs.jsonl", tmp_path / "pairs.judgments.jsonl"
@@ -235,12 +235,12 @@ def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path):
 def test_full_disk_while_judging_is_one_line_and_the_rerun_completes(tmp_path, monkeypatch):
     """The disk fills up in the second commit, after the pairs were written and before the
     judgments: a one-line error naming the file; the rerun writes every item once."""
-    import prefalign.preferences.best_of_n as best_of_n
+    import prefalign.preferences.journal as journal
 
     rows = [{"prompt": f"q{i}", "candidates": [f"a{i}", f"b{i}"]} for i in range(4)]
     data = write_jsonl(tmp_path / "c.jsonl", rows)
     out, judgments = tmp_path / "pairs.jsonl", tmp_path / "pairs.judgments.jsonl"
-    real, writes = best_of_n._write_synced, []
+    real, writes = journal._write_synced, []
 
     def write_synced(handle, payload):
         writes.append(handle.name)
@@ -248,7 +248,7 @@ def test_full_disk_while_judging_is_one_line_and_the_rerun_completes(tmp_path, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(handle, payload)
 
-    monkeypatch.setattr(best_of_n, "_write_synced", write_synced)
+    monkeypatch.setattr(journal, "_write_synced", write_synced)
     with pytest.raises(PrefalignError) as error:
         judge_preferences(data, out, ScriptedJudge(), batch_size=2, progress=False)
     message = str(error.value)

@@ -22,9 +22,10 @@ from safetensors import SafetensorError
 from helpers import ScriptedJudge, preference_rows, write_jsonl
 from prefalign.cli import main
 from prefalign.errors import OutputError, disk_error
+from prefalign.generation import SamplingOptions
 from prefalign.preferences.best_of_n import generate_preferences
 from prefalign.preferences.judge import judge_preferences
-from prefalign.preferences.scorers import batched
+from prefalign.scoring import batched
 from prefalign.train import checkpoint
 from prefalign.train.checkpoint import checkpoint_problem, save_checkpoint
 
@@ -333,7 +334,7 @@ def test_data_merge(disk, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tokenizer):
-    from prefalign.reward_model import RewardModel
+    from prefalign.models import RewardModel
     from prefalign.tiny import build_model
 
     path = tmp_path_factory.mktemp("rm") / "rm"
@@ -454,8 +455,9 @@ def test_generate(disk, tmp_path, tiny_model_dir):
             disk.break_()
         return [float(len(r)) for r in responses]
 
-    settings = dict(num_candidates=3, max_new_tokens=4, batch_size=2, seed=1, progress=False,
-                    keep_candidates=True, candidate_fields=lambda gens: [{"pad": BIG}] * 2)
+    settings = dict(num_candidates=3, sampling=SamplingOptions(max_new_tokens=4), batch_size=2,
+                    seed=1, progress=False, keep_candidates=True,
+                    candidate_fields=lambda gens: [{"pad": BIG}] * 2)
     with pytest.raises(OutputError) as error:
         generate_preferences(str(tiny_model_dir), prompts, out, scorer, **settings)
     message = str(error.value)  # the pairs, the candidates or the progress file

@@ -12,14 +12,12 @@ from prefalign.errors import ConfigError, DataError
 from prefalign.generation import (
     SamplingConfig,
     collate_generations,
-    filter_logits,
     generate,
     render_prompts,
-    row_seed,
-    sample_tokens,
 )
 from prefalign.logprobs import completion_logps
 from prefalign.lora import apply_lora, disable_adapters, lora_layers
+from prefalign.token_sampling import filter_logits, row_seed, sample_tokens
 
 PROMPTS = [
     "The film was",

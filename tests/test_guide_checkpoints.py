@@ -27,7 +27,7 @@ from prefalign.guide import (
     print_trainable_parameters,
 )
 from prefalign.logprobs import completion_logps
-from prefalign.losses import LossParams, PairLogps, sigmoid_loss
+from prefalign.losses import LossParams, PairLogps, dpo_loss
 from prefalign.rl import shaped_rewards
 from prefalign.tiny import build_model
 
@@ -212,7 +212,7 @@ def test_compute_dpo_loss():
     loss, metrics = compute_dpo_loss(pc, pr, rc, rr, beta=0.1)
     assert loss.item() < 0.05 and metrics["rewards/accuracies"] == 1.0
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * ((15 + 19) / 2))
-    expected = sigmoid_loss(PairLogps(pc, pr, rc, rr), LossParams(beta=0.1)).losses.mean()
+    expected = dpo_loss(PairLogps(pc, pr, rc, rr), LossParams(beta=0.1)).losses.mean()
     assert loss.item() == pytest.approx(expected.item())
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from helpers import preference_rows, write_jsonl
+from helpers import preference_rows, regression_batch, write_jsonl
 from prefalign.algorithms.dpo import DPO, DPOConfig, run_dpo
 from prefalign.cli import main
 from prefalign.data.formats import DROP_SAME, normalize_rows
@@ -96,8 +96,7 @@ class Regression:
     progress_keys = ()
 
     def collate(self, features):
-        return {"x": torch.tensor([f["x"] for f in features]),
-                "y": torch.tensor([f["y"] for f in features])}
+        return regression_batch(features)
 
     def units(self, features):
         return float(len(features))

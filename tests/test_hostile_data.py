@@ -302,7 +302,7 @@ def test_config_aliases_and_duplicate_keys_are_refused(tmp_path, capsys, text, w
 
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tokenizer):
-    from prefalign.reward_model import RewardModel
+    from prefalign.models import RewardModel
     from prefalign.tiny import build_model
 
     path = tmp_path_factory.mktemp("rm") / "rm"
@@ -312,7 +312,7 @@ def reward_model_dir(tmp_path_factory, tokenizer):
 
 
 def test_score_never_writes_nan(tmp_path, reward_model_dir, monkeypatch):
-    from prefalign.algorithms import reward
+    import prefalign.scoring.score_file as reward
 
     data = write_jsonl(tmp_path / "p.jsonl", preference_rows(3))
     out = tmp_path / "scored.jsonl"

@@ -92,7 +92,6 @@ def test_prompts_per_round_take_turns():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"scorer": ""}, "'scorer' is required"),
-    ({"ref_model": "other"}, "'ref_model' is not used"),
     ({"loss_type": "simpo"}, "simpo has no reference"),
     ({"num_candidates": 1}, "'num_candidates' must be >= 2"),
 ])

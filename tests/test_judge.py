@@ -11,18 +11,14 @@ import pytest
 import torch
 
 from helpers import ScriptedJudge, ScriptedServer, write_jsonl
+from prefalign.config import add_config_arguments, config_from_args
 from prefalign.data import load_preferences
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.generation import render_prompts
-from prefalign.preferences import judge as judge_module
-from prefalign.preferences.judge import (
-    DEFAULT_TEMPLATE,
-    HttpJudge,
-    judge_preferences,
-    load_template,
-    parse_ranking,
-    render_prompt,
-)
+from prefalign.preferences import judge_command
+from prefalign.preferences.http_judge import HttpJudge
+from prefalign.preferences.judge import judge_preferences, load_template
+from prefalign.preferences.listwise import DEFAULT_TEMPLATE, parse_ranking, render_prompt
 from prefalign.tiny import build_model
 
 KEY = "sk-test-7f3a9c1e-DO-NOT-LEAK"
@@ -34,8 +30,8 @@ def lines(path):
 
 def run_cli(argv):
     parser = argparse.ArgumentParser()
-    judge_module.add_arguments(parser)
-    return judge_module.run(parser.parse_args(argv))
+    add_config_arguments(parser, judge_command.JudgeConfig)
+    return judge_command.run(config_from_args(judge_command.JudgeConfig, parser.parse_args(argv)))
 
 
 # ---- parsing and prompts ------------------------------------------------------------------
@@ -125,6 +121,29 @@ def rigged_judge(tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_local_judge_label_probs_are_batched_and_equal_one_at_a_time(tmp_path, tokenizer, arch):
+    """Prompts of different lengths, left-padded into batches of 4: the verdict
+    probabilities are each prompt's own forward's, in two forwards instead of six."""
+    from prefalign.preferences.local_judge import LocalJudge
+
+    build_model(tokenizer, arch=arch, seed=3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = LocalJudge(str(tmp_path), batch_size=4)
+    texts = ["a", "The film was a delight from start to finish.", "b c", "Good great excellent",
+             "I found the plot slow and the acting wooden; the ending made no sense.", "x y z"]
+    calls = []
+    judge.model.register_forward_hook(lambda *_: calls.append(1))
+    batched = judge.label_probs(texts)
+    assert len(calls) == 2
+    labels = [judge._label_token(label) for label in ("0", "1")]
+    ids = render_prompts(judge.tokenizer, [[{"role": "user", "content": t}] for t in texts])
+    with torch.no_grad():
+        for prompt, probs in zip(ids, batched):
+            logits = judge.model(torch.tensor([prompt])).logits[0, -1, labels]
+            assert probs == pytest.approx(torch.softmax(logits, -1).tolist(), abs=1e-5)
 
 
 def test_rigged_local_judge_ranks_and_writes_pairs(tmp_path, tokenizer, items):

@@ -11,7 +11,8 @@ from helpers import ScriptedServer, write_jsonl
 from prefalign.errors import ConfigError
 from prefalign.generation import render_prompts
 from prefalign.preferences import judge as judge_module
-from prefalign.preferences.judge import judge_batch, judge_preferences
+from prefalign.preferences.judge import judge_preferences
+from prefalign.preferences.listwise import judge_batch
 from prefalign.preferences.pairwise import combine, majority, parse_choice
 from prefalign.tiny import build_model
 from test_judge import lines, run_cli

@@ -9,7 +9,7 @@ import torch
 
 from helpers import preference_rows, write_jsonl
 from prefalign.algorithms.kto import KTO, KTOConfig, gather_across_processes, run_kto
-from prefalign.algorithms.reference import ReferenceScorer
+from prefalign.algorithms.reference import FrozenCopy
 from prefalign.data import load_preferences
 from prefalign.data.unpaired import (
     collate_unpaired,
@@ -235,7 +235,7 @@ def test_compute_loss_equals_trl(make_model, tokenizer, kind):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
     config = KTOConfig(model="x", data="x", lora_r=0, **weights)
-    kto = KTO(config, tokenizer.pad_token_id, ReferenceScorer(copy.deepcopy(reference)))
+    kto = KTO(config, tokenizer.pad_token_id, FrozenCopy(copy.deepcopy(reference)))
     ours = kto.collate(features)
     torch.testing.assert_close(ours["label"], batch["label"])
     for key in ("input_ids", "attention_mask", "completion_mask"):

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from prefalign.losses import (
+    PREFERENCE_LOSS_ALIASES,
+    PREFERENCE_LOSS_CHOICES,
     PREFERENCE_LOSS_NAMES,
     PREFERENCE_LOSSES,
     LossParams,
@@ -192,7 +194,7 @@ def test_bradley_terry_hand():
 # Loss when the policy equals the reference (or, reference-free, equal average log-probs);
 # beta = 0.1, gamma = 0.5, robust eps = 0.1.
 ZERO_MARGIN = {
-    "sigmoid": LN2,  # -log sigmoid(0)
+    "dpo": LN2,  # -log sigmoid(0)
     "robust": LN2,  # ((1 - eps) ln 2 - eps ln 2) / (1 - 2 eps)
     "hinge": 1.0,  # max(0, 1 - 0)
     "ipo": 25.0,  # (0 - 1 / 0.2)^2
@@ -257,6 +259,20 @@ def test_label_smoothing_zero_is_plain_dpo():
         torch.testing.assert_close(preference_loss(name, logps, LossParams(0.3)).losses, plain)
     smoothed = preference_loss("sigmoid", logps, LossParams(0.3, label_smoothing=0.2)).losses
     assert not torch.allclose(smoothed, plain)
+
+
+def test_dpo_and_its_alias_sigmoid_give_identical_losses():
+    """`sigmoid` (TRL's name) runs the registered `dpo` loss: the same losses and rewards,
+    bit for bit, with and without label smoothing; both are accepted choices."""
+    logps = random_pairs(seed=4)
+    for params in (LossParams(0.3), LossParams(0.3, label_smoothing=0.2)):
+        dpo, sigmoid = (preference_loss(n, logps, params) for n in ("dpo", "sigmoid"))
+        assert torch.equal(dpo.losses, sigmoid.losses)
+        assert torch.equal(dpo.chosen_rewards, sigmoid.chosen_rewards)
+        assert torch.equal(dpo.rejected_rewards, sigmoid.rejected_rewards)
+    assert PREFERENCE_LOSS_ALIASES == {"sigmoid": "dpo"}
+    assert {"dpo", "sigmoid"} <= set(PREFERENCE_LOSS_CHOICES)
+    assert "sigmoid" not in PREFERENCE_LOSSES
 
 
 def test_registry_flags():
@@ -416,6 +432,7 @@ def trl_dpo(trl, loss_type, tokens, mask, ref, beta, label_smoothing):
 
 
 DPO_FAMILY = [n for n, s in PREFERENCE_LOSSES.items() if not s.reference_free]
+TRL_NAMES = {name: alias for alias, name in PREFERENCE_LOSS_ALIASES.items()}  # dpo -> sigmoid
 
 
 @pytest.mark.parametrize("name", DPO_FAMILY)
@@ -435,14 +452,15 @@ def test_dpo_family_matches_trl(name, beta):
     ours = preference_loss(name, logps, LossParams(beta, label_smoothing=eps))
     ours.losses.mean().backward()
 
-    theirs, _ = trl_dpo(trl, name, tokens, mask, ref, beta, eps)
+    theirs, _ = trl_dpo(trl, TRL_NAMES.get(name, name), tokens, mask, ref, beta, eps)
     theirs.backward()
     torch.testing.assert_close(ours.losses.mean(), theirs, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours_tokens.grad, tokens.grad, atol=1e-6, rtol=0)
 
     for i in range(b):  # per example, rewards included: one pair per call
         rows = [i, b + i]
-        loss, metrics = trl_dpo(trl, name, tokens.detach()[rows], mask[rows], ref[rows], beta, eps)
+        loss, metrics = trl_dpo(trl, TRL_NAMES.get(name, name), tokens.detach()[rows],
+                                mask[rows], ref[rows], beta, eps)
         assert ours.losses[i].item() == pytest.approx(loss.item(), abs=1e-6)
         assert ours.chosen_rewards[i].item() == pytest.approx(
             metrics["rewards/chosen"][-1], abs=1e-6

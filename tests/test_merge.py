@@ -238,3 +238,126 @@ def test_cli_data_merge_weights_split_and_errors(tmp_path, capsys):
     assert [r["source"] for r in val] == ["a", "a"]
     code = cli.main(["data", "merge", f"{b}:2.5", "-o", str(out), "--mode", "repeat"])
     assert code == 2 and "not a whole number" in capsys.readouterr().err
+
+
+# ---- several annotators' labels: --agreement agreed | weight --------------------------------
+
+
+def votes(*pairs, annotator=None):
+    """Label rows: each (prompt, chosen, rejected)."""
+    extra = {"annotator": annotator} if annotator else {}
+    return [{"prompt": p, "chosen": c, "rejected": r, "source": "human", **extra}
+            for p, c, r in pairs]
+
+
+def three_annotators(tmp_path):
+    """q1: all three say x > y; q2: alice and bob say x > y, carol y > x; q3: alice only."""
+    alice = write(tmp_path / "alice.jsonl", votes(("q1", "x", "y"), ("q2", "x", "y"),
+                                                  ("q3", "x", "y")))
+    bob = write(tmp_path / "bob.jsonl", votes(("q1", "x", "y"), ("q2", "x", "y")))
+    carol = write(tmp_path / "carol.jsonl", votes(("q2", "y", "x"), ("q1", "x", "y")))
+    return [(alice, 1), (bob, 1), (carol, 1)]
+
+
+def test_agreement_agreed_keeps_only_unanimous_pairs(tmp_path):
+    report = merge_preferences(three_annotators(tmp_path), tmp_path / "out.jsonl",
+                               agreement="agreed")
+    out = read(tmp_path / "out.jsonl")
+    assert [(r["prompt"], r["chosen"], r["weight"]) for r in out] == [("q1", "x", 1.0),
+                                                                      ("q3", "x", 1.0)]
+    counts = report.agreement
+    assert (counts.pairs, counts.kept, counts.disputed, counts.too_few) == (3, 2, 1, 0)
+    # q1's copies from bob and carol are duplicates; q2's three rows were dropped.
+    assert [(i.duplicates, i.disputed, i.train) for i in report.inputs] == [
+        (0, 1, 2), (1, 1, 0), (1, 1, 0)]
+    assert "disputed" in report.format() and "1 dropped for disagreement" in report.format()
+    report = merge_preferences(three_annotators(tmp_path), tmp_path / "two.jsonl",
+                               agreement="agreed", min_annotators=2)
+    assert [r["prompt"] for r in read(tmp_path / "two.jsonl")] == ["q1"]
+    assert report.agreement.too_few == 1
+
+
+def test_agreement_weight_is_the_fraction_of_annotators(tmp_path):
+    inputs = three_annotators(tmp_path)
+    merge_preferences(inputs, tmp_path / "out.jsonl", agreement="weight")
+    out = read(tmp_path / "out.jsonl")
+    got = [(r["prompt"], r["chosen"], r["rejected"], r["weight"]) for r in out]
+    assert got == [("q1", "x", "y", 1.0), ("q2", "x", "y", pytest.approx(2 / 3)),
+                   ("q2", "y", "x", pytest.approx(1 / 3)), ("q3", "x", "y", 1.0)]
+    # An input weight still scales its rows: the kept copy's weight times the share.
+    merge_preferences([(inputs[0][0], 3), *inputs[1:]], tmp_path / "w.jsonl",
+                      agreement="weight")
+    assert read(tmp_path / "w.jsonl")[1]["weight"] == pytest.approx(3 * 2 / 3)
+
+
+def test_agreement_reads_an_annotator_column_and_leaves_out_self_contradiction(tmp_path):
+    team = write(tmp_path / "team.jsonl", [
+        *votes(("q", "x", "y"), annotator="ann"), *votes(("q", "x", "y"), annotator="ben"),
+        *votes(("q", "y", "x"), annotator="ben"),  # ben labelled q both ways: no vote
+        *votes(("r", "x", "y"), annotator="ann"), *votes(("r", "y", "x"), annotator="ben")])
+    report = merge_preferences([(team, 1)], tmp_path / "out.jsonl", agreement="agreed")
+    assert [(r["prompt"], r["chosen"]) for r in read(tmp_path / "out.jsonl")] == [("q", "x")]
+    assert report.agreement.conflicting == 1 and report.agreement.disputed == 1
+    bad = write(tmp_path / "bad.jsonl", [{**votes(("q", "x", "y"))[0], "annotator": ""}])
+    with pytest.raises(DataError, match="bad.jsonl:1: field 'annotator'"):
+        merge_preferences([(bad, 1)], tmp_path / "o.jsonl", agreement="agreed")
+
+
+def test_agreement_argument_errors(tmp_path):
+    inputs = three_annotators(tmp_path)
+    out = tmp_path / "out.jsonl"
+    for kwargs, message in [({"agreement": "majority"}, "agreement must be one of"),
+                            ({"agreement": "weight", "mode": "repeat"}, "--mode column"),
+                            ({"agreement": "agreed", "dedupe": False}, "--no-dedupe"),
+                            ({"agreement": "agreed", "min_annotators": 0}, ">= 1"),
+                            ({"min_annotators": 2}, "needs --agreement")]:
+        with pytest.raises(ConfigError, match=message):
+            merge_preferences(inputs, out, **kwargs)
+    assert not out.exists()
+
+
+def test_cli_data_merge_agreement(tmp_path, capsys):
+    from prefalign import cli
+
+    (alice, _), (bob, _), (carol, _) = three_annotators(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["data", "merge", str(alice), str(bob), str(carol), "-o", str(out),
+                     "--agreement", "weight", "--min-annotators", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "agreement (weight): 2 of 3 pairs kept" in text
+    assert [r["prompt"] for r in read(out)] == ["q1", "q2", "q2"]
+    assert cli.main(["data", "merge", str(alice), "-o", str(out), "--agreement", "most"]) == 2
+    assert "agreement" in capsys.readouterr().err
+
+
+def test_agreement_counts_ties_from_the_web_page(tmp_path):
+    """`annotate --serve` writes no row between tied candidates but gives them one rank:
+    alice ranks a = b > c, bob a > b > c. On (a, b) alice's tie agrees with neither text."""
+    from prefalign.preferences.annotate import Item, pair_rows
+
+    item = Item("q", ("a", "b", "c"), "c.jsonl:1")
+    alice = write(tmp_path / "h.alice.jsonl", pair_rows(item, [[0, 1], [2]], annotator="alice"))
+    bob = write(tmp_path / "h.bob.jsonl", pair_rows(item, [0, 1, 2], annotator="bob"))
+    report = merge_preferences([(alice, 1), (bob, 1)], tmp_path / "out.jsonl",
+                               agreement="agreed")
+    assert [(r["chosen"], r["rejected"]) for r in read(tmp_path / "out.jsonl")] == [
+        ("a", "c"), ("b", "c")]
+    assert report.agreement.disputed == 1
+    merge_preferences([(alice, 1), (bob, 1)], tmp_path / "w.jsonl", agreement="weight")
+    assert [(r["chosen"], r["rejected"], r["weight"]) for r in read(tmp_path / "w.jsonl")] == [
+        ("a", "c", 1.0), ("b", "c", 1.0), ("a", "b", 0.5)]  # where each pair first appears
+
+
+def test_agreement_weight_keeps_both_orders_of_a_pair_on_one_side_of_the_split(tmp_path):
+    """Each of 20 pairs is split 2 to 1 by three annotators: both text orders are written,
+    and a validation pair's reverse is never trained on; the fraction counts pairs."""
+    def annotator(name, flip):
+        return write(tmp_path / f"{name}.jsonl", votes(*[
+            (f"q{i}", "y", "x") if flip else (f"q{i}", "x", "y") for i in range(20)]))
+
+    inputs = [(annotator("a", False), 1), (annotator("b", False), 1), (annotator("c", True), 1)]
+    merge_preferences(inputs, tmp_path / "out.jsonl", agreement="weight", val_fraction=0.25,
+                      seed=3)
+    train, val = read(tmp_path / "out.jsonl"), read(tmp_path / "out.val.jsonl")
+    assert len(val) == 2 * 5 and len(train) == 2 * 15
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}

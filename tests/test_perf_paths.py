@@ -2,6 +2,7 @@
 memory that does not grow with the vocabulary, prefix sharing, packing, length grouping,
 quantized loading (GPU only; its CPU error here)."""
 
+import dataclasses
 import random
 
 import pytest
@@ -9,14 +10,14 @@ import torch
 
 from helpers import preference_rows, write_jsonl
 from prefalign.algorithms.dpo import DPO, DPOConfig, run_dpo
-from prefalign.algorithms.reference import ReferenceScorer
+from prefalign.algorithms.reference import AdaptersOff, FrozenCopy
 from prefalign.algorithms.sft import SFT, SFTConfig, TopOneLogpsModel, run_sft
 from prefalign.data import collate_preferences
 from prefalign.errors import PrefalignError
 from prefalign.logprobs import LogpsModel, completion_logps
 from prefalign.lora import apply_lora, lora_layers
 from prefalign.models import load_causal_lm, quantization_config
-from prefalign.packing import custom_mask_problem, pack_rows, packed_kwargs, share_prefix
+from prefalign.packing import PackedInputs, custom_mask_problem, pack_rows, share_prefix
 from prefalign.train.batching import feature_length, length_grouped_order
 from test_logprobs import make_batch, naive
 from test_sft import instruction_rows
@@ -115,7 +116,8 @@ def test_prefix_sharing_equals_concatenated(make_model, arch, impl, chunk, froze
     features = random_pairs(4, seed=1)
     config = DPOConfig(model="m", data="d", rpo_alpha=0.5)
     plain_batch = collate_preferences(features, 0)
-    shared_batch = {**plain_batch, **share_prefix(features, 0, plain_batch["input_ids"].shape[1])}
+    shared_batch = dataclasses.replace(plain_batch, packed=PackedInputs.from_keys(
+        share_prefix(features, 0, plain_batch.input_ids.shape[1])))
     results = []
     for batch in (plain_batch, shared_batch):
         model = make_model(arch, attn_implementation=impl)
@@ -125,9 +127,9 @@ def test_prefix_sharing_equals_concatenated(make_model, arch, impl, chunk, froze
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
         policy = LogpsModel(model.eval(), chunk_size=chunk)  # eval: no dropout (GPT-2 has some)
         out = policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                     stats=True, **packed_kwargs(batch))
-        reference = ReferenceScorer(make_model(arch, attn_implementation=impl, seed=1)
-                                    if frozen else None, chunk_size=chunk)
+                     stats=True, **batch.packed_kwargs())
+        reference = (FrozenCopy(make_model(arch, attn_implementation=impl, seed=1),
+                                chunk_size=chunk) if frozen else AdaptersOff())
         loss, metrics = DPO(config, 0, reference).compute_loss(policy, batch)
         loss.backward()
         results.append((out, loss, metrics, grads(model)))

@@ -1,5 +1,6 @@
 """PPO end to end on a tiny model with a rule-based reward; the first update's ratio is 1."""
 
+import dataclasses
 import json
 
 import pytest
@@ -80,8 +81,7 @@ def test_adaptive_kl_and_resume_equal_uninterrupted(tmp_path, tiny_model_dir, pr
     run_ppo(part_cfg, scorer=letter_e)
     out = tmp_path / "b" / "out"
     shutil.rmtree(out / "checkpoints" / "step-0000004")
-    part_cfg.resume = True
-    resumed = run_ppo(part_cfg, scorer=letter_e)
+    resumed = run_ppo(dataclasses.replace(part_cfg, resume=True), scorer=letter_e)
     assert [r["step"] for r in resumed.history] == [3, 4]
     for a, b in zip(full.history[2:], resumed.history):
         for key in ("objective/scores", "objective/kl", "kl_coef", "loss"):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from prefalign.evaluation.report import render_html, write_report
+from prefalign.evaluation.report import write_report
+from prefalign.evaluation.report_html import render_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -1,6 +1,7 @@
 """Reward model: last-token reading, HF round trip, Bradley-Terry training, ECE, scoring."""
 
 import copy
+import dataclasses
 import json
 import math
 import tempfile
@@ -12,25 +13,16 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from helpers import preference_rows, write_jsonl
-from prefalign.algorithms.reward import (
-    BradleyTerry,
-    RewardConfig,
-    RewardScorer,
-    expected_calibration_error,
-    pair_sequences,
-    run_reward,
-    score_file,
-)
+from prefalign.algorithms.reward import BradleyTerry, RewardConfig, run_reward
 from prefalign.data import collate_preferences, load_preferences
 from prefalign.data.collate import pad_sequences
 from prefalign.errors import ConfigError
+from prefalign.evaluation.calibration import expected_calibration_error
 from prefalign.lora import apply_lora, lora_layers, save_adapter, unload_lora
-from prefalign.reward_model import (
-    RewardModel,
-    init_reward_model,
-    last_token_index,
-    load_reward_model,
-)
+from prefalign.models import RewardModel, init_reward_model, load_reward_model
+from prefalign.models import reward_token_index as last_token_index
+from prefalign.scoring.reward_model import RewardScorer, pair_sequences
+from prefalign.scoring.score_file import score_file
 from prefalign.tiny import build_model, build_tokenizer
 from prefalign.train.metrics import read_metrics
 
@@ -400,8 +392,7 @@ def test_resume_equals_uninterrupted_and_checkpoints_hold_the_head(tmp_path, tin
     assert all(k == "score.weight" or ".lora_A." in k or ".lora_B." in k for k in keys)
     shutil.rmtree(checkpoints[-1])
     shutil.rmtree(tmp_path / "part" / "final")
-    part.resume = True
-    run_reward(part)
+    run_reward(dataclasses.replace(part, resume=True))  # configs are frozen
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()

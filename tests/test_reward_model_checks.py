@@ -14,7 +14,7 @@ from helpers import preference_rows, write_jsonl
 from prefalign.cli import main
 from prefalign.errors import PrefalignError
 from prefalign.lora import apply_lora, lora_layers, save_adapter
-from prefalign.reward_model import (
+from prefalign.models import (
     RewardModel,
     check_reward_model,
     init_reward_model,

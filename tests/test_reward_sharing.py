@@ -10,8 +10,8 @@ import torch
 from helpers import preference_rows, write_jsonl
 from prefalign.algorithms.reward import BradleyTerry, RewardConfig, run_reward
 from prefalign.lora import apply_lora, lora_layers
-from prefalign.packing import fallback_note, packed_kwargs
-from prefalign.reward_model import RewardModel
+from prefalign.models import RewardModel
+from prefalign.packing import fallback_note
 
 
 def pairs_with_padding_ids(pad, pad_is_eos, n=4, seed=1):
@@ -77,7 +77,7 @@ def test_prefix_sharing_equals_plain(make_model, arch, impl, lora, pad_is_eos):
         batch = algorithm.collate(features)
         shapes = backbone_rows(model)
         with torch.no_grad():
-            rewards = model(batch["input_ids"], batch["attention_mask"], **packed_kwargs(batch))
+            rewards = model(batch["input_ids"], batch["attention_mask"], **batch.packed_kwargs())
         loss, metrics = algorithm.compute_loss(model.train(), batch)
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -5,15 +5,13 @@ import math
 import pytest
 import torch
 
+from prefalign.losses import ppo_policy_loss, ppo_value_loss
+from prefalign.masked import last_token_index, masked_whiten
 from prefalign.rl import (
     AdaptiveKLController,
     explained_variance,
     gae,
     kl_estimate,
-    last_token_index,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
     shaped_rewards,
 )
 
@@ -118,3 +116,15 @@ def test_adaptive_kl_controller():
     controller = AdaptiveKLController(0.2, 6, 10000)
     controller.update(6.0, 256)
     assert controller.value == pytest.approx(0.2)
+
+
+def test_ppo_losses_are_per_token_and_zero_off_the_mask():
+    """Tokens [a, b], b outside the mask (its advantage 7 and return 9 must not count).
+    Unchanged policy (ratio 1), A = 2: policy loss_a = max(-2 * 1, -2 * 1) = -2.
+    V = V_old = 1, R = 3: value loss_a = 0.5 * (1 - 3)^2 = 2. Off the mask: 0 each; the
+    caller's masked mean gives -2 and 2."""
+    mask = T([[True, False]])
+    logp = T([[-0.5, -0.5]])
+    pg, _ = ppo_policy_loss(logp, logp.clone(), T([[2.0, 7.0]]), mask, 0.2)
+    vf, _ = ppo_value_loss(T([[1.0, 1.0]]), T([[1.0, 1.0]]), T([[3.0, 9.0]]), mask, 0.2)
+    assert pg.tolist() == [[-2.0, 0.0]] and vf.tolist() == [[2.0, 0.0]]

@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 
 from prefalign.errors import ConfigError, PrefalignError
-from prefalign.preferences.scorer_spec import SCORER_HELP, load_scorer, parse_spec
-from prefalign.preferences.scorers import (
+from prefalign.scoring import (
     BUILTINS,
+    SCORER_HELP,
     Command,
     FunctionScorer,
     RewardModelScorer,
+    TextPrompts,
     WeightedSum,
     batched,
     extract_code,
+    load_scorer,
+    parse_spec,
 )
 
 
@@ -255,6 +258,19 @@ def test_spec_errors_say_what_is_wrong(spec, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("spec, closest", [
+    ("length(mx=3)", "max"),
+    ("regex(patern=a)", "pattern"),
+    ("json_valid(extrct=false)", "extract"),
+    ("command(timout=5)", "timeout"),
+])
+def test_a_typo_in_a_builtin_parameter_names_the_closest_one(spec, closest):
+    with pytest.raises(ConfigError) as err:
+        load_scorer(spec)
+    assert f"did you mean {closest!r}?" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_options_are_parameters_of_a_single_term():
     assert score("length", ["abcd"], max=3) == [0.0]
     with pytest.raises(ConfigError, match="given both"):
@@ -276,7 +292,7 @@ def test_scorer_help_lists_every_builtin_and_is_argparse_safe():
 # --- import paths and plain functions -----------------------------------------------------
 
 RULES = '''
-from prefalign.preferences.scorers import ItemScorer, batched
+from prefalign.scoring import ItemScorer, batched
 
 def has_word(prompt, response, word="yes"):
     return word in response
@@ -390,9 +406,9 @@ class FakeRewardScorer:
 
 @pytest.fixture
 def reward_dir(tmp_path, monkeypatch):
-    fake = types.ModuleType("prefalign.algorithms.reward")
+    fake = types.ModuleType("prefalign.scoring.reward_model")
     fake.RewardScorer = FakeRewardScorer
-    monkeypatch.setitem(sys.modules, "prefalign.algorithms.reward", fake)
+    monkeypatch.setitem(sys.modules, "prefalign.scoring.reward_model", fake)
     FakeRewardScorer.calls = []
     path = tmp_path / "rm"
     path.mkdir()
@@ -410,6 +426,17 @@ def test_reward_model_directory_dispatches_to_reward_scorer(reward_dir):
     assert FakeRewardScorer.calls[-1] == (reward_dir, None, 2)
 
 
+def test_reward_model_parameters_are_typed(reward_dir):
+    """A reward model's spec parameters are RewardScorer's, converted to their types; a typo
+    names the closest one instead of failing inside RewardScorer."""
+    load_scorer(f"{reward_dir}(batch_size=3)")(["a"], ["b"])
+    assert FakeRewardScorer.calls[-1] == (reward_dir, None, 3)
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_scorer(f"{reward_dir}(batch_sise=3)")
+    with pytest.raises(ConfigError, match="batch_size must be int, got 'many'"):
+        load_scorer(f"{reward_dir}(batch_size=many)")
+
+
 def test_reward_model_directory_with_odd_characters(reward_dir, tmp_path):
     odd = tmp_path / "rm,v1:2"
     os.rename(reward_dir, odd)
@@ -420,6 +447,28 @@ def test_reward_model_errors(reward_dir, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
         load_scorer(str(tmp_path / "empty"))
-    monkeypatch.setitem(sys.modules, "prefalign.algorithms.reward", None)
-    with pytest.raises(PrefalignError, match="prefalign.algorithms.reward is not available"):
+    monkeypatch.setitem(sys.modules, "prefalign.scoring.reward_model", None)
+    with pytest.raises(PrefalignError, match="prefalign.scoring.reward_model is not available"):
         load_scorer(reward_dir)
+
+
+class TemplateTokenizer:
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_text_prompts_render_chat_prompts_before_scoring():
+    """ppo and evaluate score chat prompts as their rendered template text; text prompts
+    and the rows' columns pass through unchanged."""
+    seen = []
+
+    def fn(prompts, completions, tag):
+        seen.append((prompts, tag))
+        return [float(len(p)) for p in prompts]
+
+    scorer = TextPrompts(load_scorer(fn), TemplateTokenizer())
+    chat = [{"role": "user", "content": "Hi"}]
+    # len("<user>Hi<assistant>") = 6 + 2 + 11 = 19; len("plain") = 5
+    assert scorer([chat, "plain"], ["a", "b"], {"tag": ["x", "y"]}) == [19.0, 5.0]
+    assert seen == [(["<user>Hi<assistant>", "plain"], ["x", "y"])]

@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import preference_rows, write_jsonl
 from prefalign.algorithms.dpo import DPOConfig, run_dpo
-from prefalign.algorithms.reference import ReferenceScorer
+from prefalign.algorithms.reference import AdaptersOff
 from prefalign.algorithms.sft import (
     SFT,
     PerplexityWindow,
@@ -385,14 +385,14 @@ def test_accumulation_1x8_equals_8x1_token_weighted(tmp_path, tiny_model_dir, to
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
-    from prefalign.train.loop import epoch_order
+    from prefalign.train.window import epoch_order
 
     features, _ = load_instructions(rows, tokenizer)
     first = [features[i] for i in epoch_order(len(features), seed=7, epoch=0)[:8]]
     lengths = [len(f["completion_input_ids"]) for f in first]
     assert len(set(lengths)) > 2
     out = LogpsModel(load_causal_lm(str(tiny_model_dir)))(*collate_instructions(
-        first, tokenizer.pad_token_id).values())
+        first, tokenizer.pad_token_id).inputs())
     token_mean = -out.token_logps.sum() / out.mask.sum()
     row_mean = (-out.logps / out.lengths).mean()
     assert one.history[0]["loss"] == pytest.approx(token_mean.item(), abs=1e-5)
@@ -443,7 +443,7 @@ def test_cli_lora_artifacts_and_full_finetuning(tmp_path, tiny_model_dir, tokeni
     assert records[-1]["eval/perplexity"] == pytest.approx(math.exp(records[-1]["eval/loss"]))
 
     features, _ = load_instructions(instruction_rows(3), tokenizer)
-    inputs = collate_instructions(features, tokenizer.pad_token_id).values()
+    inputs = collate_instructions(features, tokenizer.pad_token_id).inputs()
     merged = LogpsModel(load_causal_lm(str(out / "final-merged")))(*inputs).logps
     # eval(): the LoRA layers load_adapter inserts start in training mode (dropout 0.05 here).
     unmerged = load_adapter(load_causal_lm(str(tiny_model_dir)), out / "final",
@@ -479,7 +479,7 @@ def test_sft_adapter_is_the_start_and_reference_of_dpo(tmp_path, tiny_model_dir,
 
     dpo_config = DPOConfig(model=str(sft_final), data="d", lora_r=4, lora_dropout=0.0)
     start = prepare_for_training(load_causal_lm(str(sft_final)), dpo_config)
-    reference = ReferenceScorer(None)(LogpsModel(start), *inputs)
+    reference = AdaptersOff()(LogpsModel(start), *inputs)
     torch.testing.assert_close(reference, sft_logps, atol=1e-4, rtol=0)
 
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))

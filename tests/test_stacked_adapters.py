@@ -5,6 +5,7 @@ one adapter over the true base whose update is the sum of every stage's, so that
 `PeftModel.from_pretrained(base, final)` equals prefalign's own `load_causal_lm(final)`.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from prefalign.algorithms.kto import KTOConfig, run_kto
 from prefalign.algorithms.ppo import PPOConfig, run_ppo
 from prefalign.algorithms.sft import SFTConfig, run_sft
 from prefalign.lora import apply_lora, lora_layers
-from prefalign.lora_stack import stack_factors
+from prefalign.lora.stack import stack_factors
 from prefalign.models import load_causal_lm, save_policy
 
 peft = pytest.importorskip("peft")
@@ -188,7 +189,7 @@ def test_resume_of_a_stacked_stage_writes_the_same_combined_adapter(tmp_path, ma
     assert all("o_proj" in k for k in stage)
     shutil.rmtree(ckpts[-1])
     shutil.rmtree(tmp_path / "part" / "final")
-    part.resume = True
+    part = dataclasses.replace(part, resume=True)
     run_dpo(part)
     full = load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "part" / "final" / "adapter_model.safetensors"))
@@ -206,7 +207,7 @@ def test_reward_from_an_adapter_writes_a_whole_classification_model(tmp_path, ma
     from transformers import AutoModelForSequenceClassification
 
     from prefalign.algorithms.reward import RewardConfig, run_reward
-    from prefalign.reward_model import load_reward_model
+    from prefalign.models import load_reward_model
 
     base_dir = tmp_path / "base"
     make_model("llama").save_pretrained(base_dir)

@@ -1,13 +1,17 @@
 """The training loop on a toy regression: schedule, NaN stop, checkpoints, evaluation."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from helpers import regression_batch
 from prefalign.train.checkpoint import list_checkpoints
 from prefalign.train.config import TrainConfig
-from prefalign.train.loop import NonFiniteLoss, Trainer, epoch_order, split_window
+from prefalign.train.loop import Trainer
+from prefalign.train.nonfinite import NonFiniteLoss
+from prefalign.train.window import epoch_order, split_window
 
 
 class Regression:
@@ -20,8 +24,7 @@ class Regression:
         self.calls = 0
 
     def collate(self, features):
-        return {"x": torch.tensor([f["x"] for f in features]),
-                "y": torch.tensor([f["y"] for f in features])}
+        return regression_batch(features)
 
     def units(self, features):
         return float(len(features))
@@ -141,7 +144,7 @@ class Poisoned(Regression):
         self.ids, self.kind = set(ids), kind
 
     def collate(self, features):
-        return {**super().collate(features), "ids": [f["id"] for f in features]}
+        return dataclasses.replace(super().collate(features), ids=[f["id"] for f in features])
 
     def compute_loss(self, model, batch):
         loss, metrics = super().compute_loss(model, batch)

@@ -135,7 +135,7 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given():
     score = ["score", "--reward-model", "rm", "--data", "d"]
     evaluate = ["evaluate", "--models", "a=m", "--prompts", "p"]
     for argv in (score, evaluate):
-        assert parser.parse_args(argv).trust_remote_code is False
+        assert getattr(parser.parse_args(argv), "trust_remote_code", False) is False
         assert parser.parse_args([*argv, "--trust-remote-code"]).trust_remote_code is True
     # generate, judge and annotate have no such flag: their loaders keep the default False.
     for argv in (["generate", "--model", "m", "--data", "d", "--scorer", "s", "--output", "o"],
@@ -247,8 +247,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, tiny_model_dir):
     import shutil
 
     from prefalign.errors import PrefalignError
-    from prefalign.models import load_causal_lm
-    from prefalign.reward_model import init_reward_model
+    from prefalign.models import init_reward_model, load_causal_lm
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled)

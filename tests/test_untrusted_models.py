@@ -21,7 +21,7 @@ from prefalign.cli import main
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.lora import ADAPTER_CONFIG, apply_lora, save_adapter
 from prefalign.models import load_causal_lm
-from prefalign.preferences.scorer_spec import load_scorer
+from prefalign.scoring import load_scorer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prefalign"
 
@@ -82,7 +82,7 @@ def test_a_cycle_of_adapters_is_one_line_naming_the_loop(adapter_dir, tmp_path):
 
 
 def test_a_self_referencing_adapter_as_a_reward_model_is_one_line(adapter_dir):
-    from prefalign.reward_model import init_reward_model, load_reward_model
+    from prefalign.models import init_reward_model, load_reward_model
 
     set_base(adapter_dir, str(adapter_dir))
     for load in (load_reward_model, init_reward_model):

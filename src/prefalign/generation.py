@@ -5,10 +5,8 @@ step with the KV cache the prefill returned) rather than `model.generate`, becau
 generate does not give together: per-token log-probs of the sampled tokens, stop strings cut
 at a documented point, and results that do not depend on how prompts are grouped.
 
-Randomness. Row (prompt i, candidate j) draws all of its uniforms up front from its own CPU
-`torch.Generator`, seeded by mixing (seed, i, j); step t samples by inverse CDF with the
-t-th uniform. A row's noise therefore depends on nothing but (seed, i, j): not on batch
-size, the order of prompts, the other rows, the device, or the global RNG (never touched).
+Randomness (token_sampling): row (prompt i, candidate j) draws its noise from its own
+generator seeded by (seed, i, j) only, never from the global RNG.
 
 Left padding. Prompts are left-padded (data.collate.collate_prompts); position ids count
 real tokens only (`position_ids_from_mask`), so a padded prompt sees the positions it would
@@ -31,58 +29,98 @@ Where a response ends (TRL's PPO truncates after the stop token; the same rule h
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prefalign.config import Section, option, require
 from prefalign.data.chat import prompt_messages, require_chat_template, text_as_chat
-from prefalign.data.collate import collate_prompts
 from prefalign.data.tokenize import apply_template, tokenizer_adds_bos
-from prefalign.errors import ConfigError, DataError
-from prefalign.logprobs import position_ids_from_mask
+from prefalign.decoding import eval_mode, prefill
+from prefalign.errors import DataError
+from prefalign.token_sampling import filter_logits, row_uniforms, sample_tokens
 
 Prompt = str | Sequence[dict] | Sequence[int]
-_MASK64 = (1 << 64) - 1
 
 
-@dataclass
-class SamplingConfig:
-    """How to sample. temperature 0 is greedy (top_p/top_k ignored); n candidates per prompt.
+@dataclass(frozen=True)
+class SamplingOptions(Section):
+    """The sampling section of a command's config: the one declaration of each sampling
+    option (flag, YAML key, default, help and valid range). A command's config composes it
+    by inheritance (config.option_like redeclares a default: PPO samples shorter);
+    `SamplingConfig.of(config, seed=..., n=..., batch_size=...)` makes what `generate`
+    takes. seed, n and batch_size are not options here: a command's config has fields of
+    those names with meanings of its own (a trainer's batch_size counts rows).
+    """
 
-    batch_size counts prompts per forward batch, so a batch holds batch_size * n rows.
+    SECTION = "sampling"
+
+    max_new_tokens: int = option(128, "tokens per response at most")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy (top_p and top_k "
+                                "are then ignored)")
+    top_p: float = option(1.0, "nucleus sampling: keep the most probable tokens up to this "
+                          "probability mass")
+    top_k: int | None = option(None, "sample among the k most probable tokens only; none = all")
+    stop_strings: list[str] = option([], "end a response at the first of these strings")
+
+    def validate(self) -> None:
+        check_sampling(self)
+        super().validate()
+
+
+# option -> (is the value valid, the rule a bad value breaks)
+_RULES: dict[str, tuple[Any, str]] = {
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v is None or v >= 1, "must be none or >= 1"),
+    "stop_strings": (lambda v: all(isinstance(s, str) and s for s in v),
+                     "must be a list of non-empty strings"),
+}
+
+
+def check_sampling(config: Any) -> None:
+    """ConfigError naming the first sampling option of `config` out of its range (a config
+    that declares some of them through option_like is checked on those)."""
+    for name, (ok, rule) in _RULES.items():
+        if hasattr(config, name):
+            value = getattr(config, name)
+            require(ok(value), name, f"{rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(SamplingOptions):
+    """How `generate` samples: the sampling options, plus n candidates per prompt, the seed
+    of their noise, and batch_size prompts per forward batch (batch_size * n rows).
     eos_token_ids: None means the tokenizer's EOS plus the model's generation_config EOS ids.
     """
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
     n: int = 1
     batch_size: int = 8
     eos_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k is None or self.top_k >= 1, "None or >= 1"),
-            ("n", self.n >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings),
-             "a list of non-empty strings"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ConfigError(f"sampling.{name} must be {rule}, got {getattr(self, name)!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.n >= 1, "n", f"must be >= 1, got {self.n!r}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size!r}")
+
+    @classmethod
+    def of(cls, section: Any, **runtime: Any) -> SamplingConfig:
+        """The sampling options `section` has (a config composing SamplingOptions, or one
+        redeclaring a few with option_like: the others keep their defaults), with seed, n
+        and batch_size."""
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(SamplingOptions)
+                  if hasattr(section, f.name)}
+        return cls(**values, **runtime)
 
     @property
     def num_return_sequences(self) -> int:
@@ -105,65 +143,6 @@ class Generation:
     text: str
     finish_reason: str  # "eos" | "stop" | "length"
     finished: bool  # ended with EOS or a stop string, not by max_new_tokens
-
-
-def row_seed(seed: int, prompt_index: int, candidate: int) -> int:
-    """A 63-bit seed for row (prompt_index, candidate); splitmix64 so nearby keys decorrelate."""
-    x = 0
-    for part in (seed, prompt_index, candidate):
-        x = ((x ^ (part & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x >> 1
-
-
-def row_uniforms(seed: int, keys: Sequence[tuple[int, int]], steps: int) -> Tensor:
-    """(R, steps) float64 uniforms in [0, 1); row r comes from its key (prompt, candidate) only."""
-    rows = []
-    for prompt_index, candidate in keys:
-        g = torch.Generator().manual_seed(row_seed(seed, prompt_index, candidate))
-        rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
-    return torch.stack(rows)
-
-
-def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float = 1.0) -> Tensor:
-    """(B, V) logits -> (B, V) with filtered tokens at -inf (HF's top-k then top-p warpers).
-
-    top_k keeps tokens whose logit is at least the k-th largest (ties may keep more).
-    top_p keeps the most probable tokens until their mass reaches top_p: a token goes
-    when the tokens strictly ahead of it in (stable) sorted order already hold >= top_p.
-    The most probable token always stays.
-    """
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-        probs = sorted_logits.softmax(dim=-1)
-        ahead = probs.cumsum(dim=-1) - probs
-        drop_sorted = ahead >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_tokens(logits: Tensor, uniforms: Tensor) -> Tensor:
-    """Inverse-CDF sampling: (B, V) logits, (B,) uniforms in [0, 1) -> (B,) token ids.
-
-    Token v is picked when cdf[v-1] <= u * total < cdf[v] (cdf in vocabulary order, float64),
-    so a token of probability zero is never picked and the same u gives the same token
-    whatever else is in the batch.
-    """
-    probs = logits.double().softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * total can round up to total; stay on the last token that has probability.
-    vocab = torch.arange(probs.shape[-1], device=probs.device)
-    last = torch.where(probs > 0, vocab, -1).amax(dim=-1)
-    return torch.minimum(picked, last)
 
 
 def next_tokens(logits: Tensor, uniforms: Tensor, cfg: SamplingConfig) -> tuple[Tensor, Tensor]:
@@ -244,18 +223,6 @@ def _eos_ids(model: nn.Module, tokenizer: Any, cfg: SamplingConfig) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() for the block (no dropout), then each module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 class _Responses:
     """The growing responses of R rows, and why each one ended."""
 
@@ -288,42 +255,6 @@ class _Responses:
         return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True) if cut is None else cut
 
 
-def _prefill(model: nn.Module, prompt_ids: list[list[int]], pad: int, n: int):
-    """One forward over the P left-padded prompts, its cache repeated for n candidates each.
-
-    Returns cache (A = P * n rows), the forward's keyword for it (see _cache_keyword),
-    logits (A, V) at the last prompt token, attention mask (A, T) and next position ids (A, 1).
-    """
-    device = next(model.parameters()).device
-    batch = collate_prompts(prompt_ids, pad)
-    mask = batch["attention_mask"].to(device)  # (P, T)
-    positions = position_ids_from_mask(mask)
-    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                position_ids=positions, use_cache=True, **extra)
-    keyword = _cache_keyword(model, out)
-    cache, logits, next_pos = out[keyword], out.logits[:, -1], positions[:, -1:] + 1
-    if n > 1:  # candidates share the prompt's prefill: repeat the cache, not the prompt
-        cache.batch_repeat_interleave(n)
-        logits, mask, next_pos = (x.repeat_interleave(n, dim=0) for x in (logits, mask, next_pos))
-    return cache, keyword, logits, mask, next_pos
-
-
-def _cache_keyword(model: nn.Module, out: Any) -> str:
-    """The name of the KV cache in the model's forward and output: `cache` in transformers 5
-    (whose old name, `past_key_values`, warns on every call and is removed in 5.40),
-    `past_key_values` before it and in remote code written for it.
-
-    The forward's signature decides; a forward that takes **kwargs only is asked through
-    its output, which names the cache the way the model does.
-    """
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return "cache" if "cache" in out else "past_key_values"
-
-
 def _generate_batch(
     model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], indices: list[int],
     cfg: SamplingConfig, eos_ids: set[int], stop_ids: set[int],
@@ -331,7 +262,7 @@ def _generate_batch(
     """Sample cfg.n responses for each of P prompts; returns P * n Generations, candidates
     of a prompt together. A <= P * n rows stay active: finished rows leave the batch."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cache, keyword, logits, mask, next_pos = _prefill(model, prompt_ids, pad, cfg.n)
+    cache, keyword, logits, mask, next_pos = prefill(model, prompt_ids, pad, cfg.n)
     keys = [(i, j) for i in indices for j in range(cfg.n)]
     uniforms = row_uniforms(cfg.seed, keys, cfg.max_new_tokens).to(mask.device)  # (A, steps)
     rows = _Responses(len(keys), tokenizer, cfg, eos_ids, stop_ids)
@@ -367,12 +298,6 @@ def _split_stops(tokenizer: Any, stops: list[str]) -> tuple[set[int], list[str]]
     return ids, [s for s in stops if s not in special]
 
 
-def _keeps_logits(model: nn.Module) -> bool:
-    # The prefill needs the last position only; a (B, T, V) logits tensor is the biggest
-    # allocation of generation when the model can skip it.
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
@@ -402,7 +327,7 @@ def generate(
     if len(keys) != len(prompt_ids) or len(set(keys)) != len(keys):
         raise ValueError("seed_indices must give one distinct index per prompt")
     position = {key: i for i, key in enumerate(keys)}
-    with _eval_mode(model), tqdm(total=len(prompt_ids), desc="generate", unit="prompt",
+    with eval_mode(model), tqdm(total=len(prompt_ids), desc="generate", unit="prompt",
                                  disable=not show) as bar:
         for indices in batches:
             chunk = [prompt_ids[i] for i in indices]

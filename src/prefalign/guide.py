@@ -23,16 +23,16 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from prefalign import lora
-from prefalign.algorithms.ppo_models import ValueHead
 from prefalign.data.formats import HH_ASSISTANT, _looks_hh, _split_hh, normalize_rows
 from prefalign.data.sources import load_rows
 from prefalign.data.tokenize import tokenize_preferences
 from prefalign.errors import DataError
 from prefalign.logprobs import completion_logps, position_ids_from_mask
 from prefalign.lora import print_trainable_parameters
-from prefalign.losses import LossParams, PairLogps, bradley_terry_loss, sigmoid_loss
-from prefalign.reward_model import RewardModel
-from prefalign.rl import gae, masked_whiten
+from prefalign.losses import LossParams, PairLogps, bradley_terry_loss, dpo_loss
+from prefalign.masked import masked_whiten
+from prefalign.models import RewardModel, ValueHead
+from prefalign.rl import gae
 
 __all__ = [
     "LoRALinear", "PreferenceDataset", "PreferenceExample", "RewardModel", "ValueHead",
@@ -160,7 +160,7 @@ class PreferenceDataset(Dataset):
         return item
 
 
-# -- Phase 3: reward model (prefalign.reward_model, losses.bradley_terry_loss) ------------
+# -- Phase 3: reward model (prefalign.models.reward, losses.bradley_terry_loss) ------------
 
 def compute_preference_loss(chosen_rewards: Tensor, rejected_rewards: Tensor
                             ) -> tuple[Tensor, dict[str, float]]:
@@ -178,7 +178,7 @@ def compute_preference_loss(chosen_rewards: Tensor, rejected_rewards: Tensor
                   "margin": (chosen - rejected).mean().item()}
 
 
-# -- Phase 4: DPO (prefalign.logprobs, losses.sigmoid_loss) --------------------------------
+# -- Phase 4: DPO (prefalign.logprobs, losses.dpo_loss) --------------------------------
 
 def compute_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                       prompt_lengths: Tensor | Sequence[int]) -> Tensor:
@@ -196,14 +196,14 @@ def compute_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 def compute_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                      ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float = 0.1
                      ) -> tuple[Tensor, dict[str, float]]:
-    """DPO (arXiv:2305.18290, Eq. 7), the mean over pairs of losses.sigmoid_loss:
+    """DPO (arXiv:2305.18290, Eq. 7), the mean over pairs of losses.dpo_loss:
     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))). Every argument (B,).
 
     metrics, named as `prefalign dpo` logs them: rewards/chosen = beta * (pi_c - ref_c)
     (the chosen log-ratio times beta), rewards/rejected, rewards/margins,
     rewards/accuracies (share of pairs with the larger reward on chosen).
     """
-    out = sigmoid_loss(PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    out = dpo_loss(PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                  ref_rejected_logps), LossParams(beta=beta))
     chosen, rejected = out.chosen_rewards, out.rejected_rewards
     return out.losses.mean(), {"rewards/chosen": chosen.mean().item(),
@@ -221,7 +221,7 @@ def compute_advantages(rewards: Tensor, values: Tensor, mask: Tensor | None = No
 
     rewards, values (B, T) per token; mask (B, T) True on response tokens (None = all).
     whiten=True normalises the advantages to mean 0 and variance 1 over the mask
-    (rl.masked_whiten), as `prefalign ppo` does before its update; returns stay raw.
+    (masked.masked_whiten), as `prefalign ppo` does before its update; returns stay raw.
     """
     if mask is None:
         mask = torch.ones_like(rewards, dtype=torch.bool)

@@ -11,13 +11,17 @@ command calls offline_by_default() before it imports anything that imports it, a
 allow_downloads() also updates the imported module. Python callers of the library are
 offline first too: every model and tokenizer load passes `local_files_only` unless
 downloads_allowed(); call allow_downloads() (or set HF_HUB_OFFLINE=0) to allow them.
-This module imports nothing heavy: it runs before torch and transformers are loaded.
+This module imports nothing heavy (config: yaml): it runs before torch and transformers are
+loaded.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+
+from prefalign.config import Section, option
 
 _VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _allowed = False
@@ -59,3 +63,22 @@ def allow_downloads() -> None:
     global _allowed
     _allowed = True
     _set(offline=False)
+
+
+@dataclass(frozen=True)
+class DownloadOption(Section):
+    """`--allow-download`, for a command that loads models."""
+
+    SECTION = "models"
+
+    allow_download: bool = option(False, DOWNLOAD_HELP)
+
+
+@dataclass(frozen=True)
+class RemoteCodeOption(Section):
+    """`--trust-remote-code`, for a command that loads models that may bring their code."""
+
+    SECTION = "models"
+
+    trust_remote_code: bool = option(False, "allow model code from the model directories "
+                                     "to run")

@@ -179,6 +179,55 @@ def _scatter(values: Tensor, select: Tensor, shape: torch.Size) -> Tensor:
     return torch.nn.functional.pad(out, (1, 0))
 
 
+def _scored_mask(attention_mask: Tensor, completion_mask: Tensor,
+                 packed: PackedInputs | None) -> Tensor:
+    """(B, T) bool: completion tokens that have a prefix to be predicted from."""
+    mask = completion_mask.bool() & attention_mask.bool()
+    mask[:, 0] = False  # the first token has no prefix to be predicted from
+    if packed is not None and packed.source is None:
+        mask &= packed.position_ids != 0  # a packed sequence's first token, likewise
+    return mask
+
+
+def _model_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                  packed: PackedInputs | None) -> dict[str, Tensor]:
+    """The forward's keyword arguments: the padded batch, or the packed layout."""
+    if packed is None:
+        return dict(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask))
+    return dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                attention_mask=attention_bias(model, packed.attention_mask))
+
+
+def _tempered_head(lm_head: nn.Module, temperature: float):
+    """The LM head with its logits divided by `temperature`."""
+    if temperature == 1.0:
+        return lm_head
+    # Without a bias, dividing the (n, H) hidden states gives the same logits as
+    # dividing the (n, V) logits, at a fraction of the cost.
+    if getattr(lm_head, "bias", None) is None:
+        return lambda h: lm_head(h / temperature)
+    return lambda h: lm_head(h) / temperature
+
+
+def _result(flat: Tensor, extra: Tensor, mask: Tensor, hidden: Tensor | None, stats: bool,
+            top1: bool) -> CompletionLogps:
+    """(N,) log-probs and (N, k) statistics of the scored tokens back in the (B, T) layout."""
+    select = mask[:, 1:]
+    shape = select.shape
+    token_logps = _scatter(flat, select, shape)
+    return CompletionLogps(
+        token_logps=token_logps,
+        mask=mask,
+        logps=token_logps.sum(-1),
+        lengths=mask.sum(-1).to(token_logps.dtype),
+        mean_logits=_scatter(extra[:, 0], select, shape) if stats else None,
+        entropy=_scatter(extra[:, 1], select, shape) if stats else None,
+        hidden_states=hidden,
+        top1=_scatter(extra[:, -1], select, shape).bool() if top1 else None,
+    )
+
+
 def completion_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -202,18 +251,10 @@ def completion_logps(
     prefalign.packing); the result is still in the layout of input_ids. hidden_states are
     then the model's own (R, S, H) layout.
     """
-    mask = completion_mask.bool() & attention_mask.bool()
-    mask[:, 0] = False  # the first token has no prefix to be predicted from
-    if packed is not None and packed.source is None:
-        mask &= packed.position_ids != 0  # a packed sequence's first token, likewise
+    mask = _scored_mask(attention_mask, completion_mask, packed)
     select = mask[:, 1:]
     targets = input_ids[:, 1:][select]
-    if packed is None:
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask))
-    else:
-        inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                      attention_mask=attention_bias(model, packed.attention_mask))
+    inputs = _model_inputs(model, input_ids, attention_mask, packed)
 
     def scored(states: Tensor) -> Tensor:
         """(R, S, ...) model outputs -> (N, ...) at the positions predicting each target."""
@@ -222,18 +263,10 @@ def completion_logps(
         return states.flatten(0, 1)[packed.source[:, 1:][select]]
 
     if _uses_plain_head(model):
-        out = model.base_model(**inputs, use_cache=False)
-        hidden = out.last_hidden_state
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
         lm_head = model.get_output_embeddings()
-        head = lm_head
-        if temperature != 1.0:
-            # Without a bias, dividing the (n, H) hidden states gives the same logits as
-            # dividing the (n, V) logits, at a fraction of the cost.
-            unbiased = getattr(lm_head, "bias", None) is None
-            head = ((lambda h: lm_head(h / temperature)) if unbiased
-                    else (lambda h: lm_head(h) / temperature))
-        flat, extra = _head_logps(scored(hidden), head, targets, chunk_size, stats, top1,
-                                  recompute=chunk_size is not None,
+        flat, extra = _head_logps(scored(hidden), _tempered_head(lm_head, temperature), targets,
+                                  chunk_size, stats, top1, recompute=chunk_size is not None,
                                   vocab=lm_head.weight.shape[0])
     else:
         out = model(**inputs, use_cache=False, output_hidden_states=return_hidden)
@@ -241,18 +274,7 @@ def completion_logps(
         flat, extra = _head_logps(scored(out.logits) / temperature, nn.Identity(), targets,
                                   chunk_size, stats, top1, recompute=False,
                                   vocab=out.logits.shape[-1])
-    shape = select.shape
-    token_logps = _scatter(flat, select, shape)
-    return CompletionLogps(
-        token_logps=token_logps,
-        mask=mask,
-        logps=token_logps.sum(-1),
-        lengths=mask.sum(-1).to(token_logps.dtype),
-        mean_logits=_scatter(extra[:, 0], select, shape) if stats else None,
-        entropy=_scatter(extra[:, 1], select, shape) if stats else None,
-        hidden_states=hidden if return_hidden else None,
-        top1=_scatter(extra[:, -1], select, shape).bool() if top1 else None,
-    )
+    return _result(flat, extra, mask, hidden if return_hidden else None, stats, top1)
 
 
 class LogpsModel(nn.Module):

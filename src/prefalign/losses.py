@@ -1,13 +1,19 @@
-"""Training losses as pure functions of tensors.
+"""Every training loss, as pure functions of tensors.
 
 B is the batch (pairs for preference losses), T the tokens. `*_logps` is the sum of the
-completion-token log-probs of one sequence, shape (B,); chosen comes before rejected.
-Sequence losses return per-example values (B,) so the caller applies row weights and the
-reduction; rewards are detached statistics for logging.
+completion-token log-probs of one sequence, shape (B,); `token_logps` is per token, (B, T);
+chosen comes before rejected; a mask is True = include.
+
+The return convention, for every loss here: unreduced values with gradients, per example
+(B,) for sequence losses and per token (B, T) for token losses (PPO, GRPO), plus detached
+statistics for logging. The caller reduces: a (weighted) mean over examples
+(`weighted_mean`), or a masked mean over tokens (`masked.masked_mean`); GRPO's token
+losses by the named reductions of `GRPO_LOSS_TYPES` (TRL's `loss_type`). `nll_loss` alone
+returns the token mean itself, the one reduction every caller of it wants.
 
 Formulas and reward definitions follow TRL 1.16 (DPOTrainer, experimental CPOTrainer and
-ORPOTrainer, KTOTrainer, RewardTrainer). Each deliberate difference is stated in the
-docstring of the function concerned.
+ORPOTrainer, KTOTrainer, RewardTrainer, GRPOTrainer, RLOOTrainer). Each deliberate
+difference is stated in the docstring of the function concerned.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from prefalign.masked import masked_mean
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class LossParams:
     beta: float, or a (B,) tensor giving each row its own beta (multi-objective DPO, where
         each data source has its own beta). For ORPO it is the weight lambda of the odds
         ratio term; for IPO the regulariser tau.
-    label_smoothing: assumed probability that a label is flipped: cDPO for `sigmoid` and
+    label_smoothing: assumed probability that a label is flipped: cDPO for `dpo` and
         `simpo`, the noise rate for `robust`; other losses reject a non-zero value.
     simpo_gamma: SimPO's target reward margin gamma.
     """
@@ -107,6 +115,12 @@ def _logratios(logps: PairLogps) -> tuple[Tensor, Tensor]:
     return logps.chosen - logps.ref_chosen.detach(), logps.rejected - logps.ref_rejected.detach()
 
 
+def _beta_and_logratios(logps: PairLogps, params: LossParams
+                        ) -> tuple[float | Tensor, Tensor, Tensor]:
+    """What every reference-based loss starts from: beta and the two log-ratios (B,)."""
+    return _beta(params.beta, logps.chosen), *_logratios(logps)
+
+
 def _averages(logps: PairLogps, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token averages of (B,) sums; an empty completion counts as one token (as TRL's IPO)."""
     if logps.chosen_lengths is None or logps.rejected_lengths is None:
@@ -125,8 +139,8 @@ def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-def sigmoid_loss(logps: PairLogps, params: LossParams) -> PairLoss:
-    """DPO: Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, Eq. 7.
+def dpo_loss(logps: PairLogps, params: LossParams) -> PairLoss:
+    """DPO (registry key `dpo`, alias `sigmoid`, TRL's name): Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, Eq. 7.
 
     h = (pi_c - ref_c) - (pi_r - ref_r)
     loss = -log sigmoid(beta * h)
@@ -139,8 +153,7 @@ def sigmoid_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     it for "robust" and "exo_pair"); earlier DPOTrainer versions and its CPOTrainer apply cDPO
     as here. With eps = 0 the two are identical.
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = _smoothed_logistic(beta * (chosen - rejected), params.label_smoothing)
     return _result(beta, chosen, rejected, losses)
 
@@ -156,8 +169,7 @@ def robust_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     eps = params.label_smoothing
     if eps >= 0.5:
         raise ValueError(f"robust needs label_smoothing in [0, 0.5), got {eps}")
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     z = beta * (chosen - rejected)
     losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     return _result(beta, chosen, rejected, losses)
@@ -169,8 +181,7 @@ def hinge_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     loss = max(0, 1 - beta * h), h as in DPO (a hinge on the reference-relative margin with
     margin delta = 1/beta, scaled by beta); rewards = beta * (pi - ref).
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = torch.relu(1 - beta * (chosen - rejected))
     return _result(beta, chosen, rejected, losses)
 
@@ -186,8 +197,7 @@ def ipo_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     The per-token normalisation is TRL 1.16's (confirmed there with the IPO authors): with
     summed log-probs the squared loss would grow with completion length.
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     chosen_avg, rejected_avg = _averages(logps, chosen, rejected)
     losses = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
     return _result(beta, chosen, rejected, losses)
@@ -200,8 +210,7 @@ def sppo_hard_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     loss = (pi_c - ref_c - 1/(2 beta))^2 + (pi_r - ref_r + 1/(2 beta))^2
     rewards = beta * (pi - ref)
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
     return _result(beta, chosen, rejected, losses)
 
@@ -213,8 +222,7 @@ def nca_pair_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     r = beta * (pi - ref)
     loss = -log sigmoid(r_c) - 0.5 log sigmoid(-r_c) - 0.5 log sigmoid(-r_r)
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     r_c, r_r = beta * chosen, beta * rejected
     losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
     return _result(beta, chosen, rejected, losses)
@@ -228,8 +236,7 @@ def bco_pair_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     As in TRL 1.16, the paper's reward shift delta (a running mean of rewards) is omitted,
     which keeps the loss a function of the batch alone.
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
     return _result(beta, chosen, rejected, losses)
 
@@ -241,8 +248,7 @@ def apo_zero_loss(logps: PairLogps, params: LossParams) -> PairLoss:
     r = beta * (pi - ref);  loss = (1 - sigmoid(r_c)) + sigmoid(r_r)
     1 - sigmoid(x) is computed as sigmoid(-x): the same value without cancellation.
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = torch.sigmoid(-beta * chosen) + torch.sigmoid(beta * rejected)
     return _result(beta, chosen, rejected, losses)
 
@@ -253,8 +259,7 @@ def apo_down_loss(logps: PairLogps, params: LossParams) -> PairLoss:
 
     r = beta * (pi - ref);  loss = sigmoid(r_c) + (1 - sigmoid(r_c - r_r))
     """
-    beta = _beta(params.beta, logps.chosen)
-    chosen, rejected = _logratios(logps)
+    beta, chosen, rejected = _beta_and_logratios(logps, params)
     losses = torch.sigmoid(beta * chosen) + torch.sigmoid(-beta * (chosen - rejected))
     return _result(beta, chosen, rejected, losses)
 
@@ -317,7 +322,7 @@ def orpo_loss(logps: PairLogps, params: LossParams) -> PairLoss:
 
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid_loss, uses_label_smoothing=True),
+    "dpo": LossSpec(dpo_loss, uses_label_smoothing=True),
     "robust": LossSpec(robust_loss, uses_label_smoothing=True),
     "hinge": LossSpec(hinge_loss),
     "ipo": LossSpec(ipo_loss, needs_lengths=True),
@@ -332,15 +337,28 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
     "orpo": LossSpec(orpo_loss, reference_free=True, needs_lengths=True),
 }
 PREFERENCE_LOSS_NAMES: tuple[str, ...] = tuple(PREFERENCE_LOSSES)
+# Further names accepted for a registered loss: TRL's DPOTrainer calls DPO "sigmoid".
+PREFERENCE_LOSS_ALIASES: dict[str, str] = {"sigmoid": "dpo"}
+# What --loss-type and YAML accept; "sigmoid" first, as it is the option's default (the
+# name existing runs' config.yaml files hold, so that they still resume).
+PREFERENCE_LOSS_CHOICES: tuple[str, ...] = (*PREFERENCE_LOSS_ALIASES, *PREFERENCE_LOSS_NAMES)
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The registered preference loss `name` (or an alias of one); ValueError listing the
+    valid names otherwise."""
+    spec = PREFERENCE_LOSSES.get(PREFERENCE_LOSS_ALIASES.get(name, name))
+    if spec is None:
+        raise ValueError(
+            f"unknown preference loss {name!r}; valid names: {', '.join(PREFERENCE_LOSS_NAMES)} "
+            f"(aliases: {', '.join(f'{a} = {n}' for a, n in PREFERENCE_LOSS_ALIASES.items())})"
+        )
+    return spec
 
 
 def preference_loss(name: str, logps: PairLogps, params: LossParams) -> PairLoss:
     """Run the registered preference loss `name`; per-example losses and rewards, (B,) each."""
-    spec = PREFERENCE_LOSSES.get(name)
-    if spec is None:
-        raise ValueError(
-            f"unknown preference loss {name!r}; valid names: {', '.join(PREFERENCE_LOSS_NAMES)}"
-        )
+    spec = loss_spec(name)
     # A smoothing value the loss would silently ignore is a configuration mistake.
     if params.label_smoothing and not spec.uses_label_smoothing:
         users = [n for n, s in PREFERENCE_LOSSES.items() if s.uses_label_smoothing]
@@ -368,10 +386,8 @@ def nll_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
     completion tokens): the caller's mask decides which. Scalar; 0 when the mask is empty
     (TRL gives nan).
     """
-    mask = mask.bool()
-    # where(), not multiplication, so a -inf at an excluded position cannot turn into nan.
-    total = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum()
-    return -total / mask.sum().clamp(min=1)
+    # masked_mean excludes with where(): a -inf at an excluded position cannot become nan.
+    return -masked_mean(token_logps, mask)
 
 
 def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
@@ -441,3 +457,52 @@ def bradley_terry_loss(
     if center_coef:
         losses = losses + center_coef * (rewards_chosen + rewards_rejected) ** 2
     return losses
+
+
+def ppo_policy_loss(token_logps: Tensor, old_token_logps: Tensor, advantages: Tensor,
+                    mask: Tensor, clip_range: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate objective as a loss: Schulman et al. 2017, "Proximal Policy
+    Optimization Algorithms", arXiv:1707.06347, Eq. 7.
+
+    token_logps, old_token_logps, advantages, mask (B, T).
+    ratio = exp(logp - logp_old)
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+    Returns (loss_t (B, T), 0 off the mask; the caller takes the masked mean) and detached
+    scalar stats over the masked tokens: clipfrac (share where the clipped term is the
+    larger), approxkl = mean(0.5 * (logp - logp_old)^2), ratio (mean).
+    """
+    log_ratio = token_logps - old_token_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    losses = _masked(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": masked_mean(0.5 * log_ratio**2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return losses, stats
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                   clip_range: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped value loss, the PPO2 baselines form (Dhariwal et al. 2017, OpenAI
+    Baselines; used by Ouyang et al. 2022, arXiv:2203.02155, and TRL's PPOTrainer).
+
+    values, old_values, returns, mask (B, T).
+    V_clip = V_old + clip(V - V_old, -eps, eps)
+    loss_t = 0.5 * max((V_t - R_t)^2, (V_clip,t - R_t)^2)
+    Returns (loss_t (B, T), 0 off the mask; the caller takes the masked mean) and detached
+    stats: clipfrac, the share of masked tokens where the clipped term is the larger.
+    """
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    losses = _masked(0.5 * torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return losses, stats
+
+
+def _masked(values: Tensor, mask: Tensor) -> Tensor:
+    # where(), not multiplication: an inf off the mask (e.g. a padded ratio) stays out.
+    return torch.where(mask.bool(), values, torch.zeros_like(values))

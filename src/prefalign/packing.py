@@ -48,20 +48,16 @@ class PackedInputs:
     attention_mask: Tensor
     source: Tensor | None = None
 
+    @classmethod
+    def from_keys(cls, keys: dict[str, Tensor]) -> PackedInputs:
+        """From the flat packed_* tensors that pack_sequences and share_prefix return."""
+        return cls(keys["packed_input_ids"], keys["packed_position_ids"],
+                   keys["packed_attention_mask"], keys.get("packed_source"))
 
-def packed_from_batch(batch: dict[str, Any]) -> PackedInputs | None:
-    """The PackedInputs carried by a collated batch (flat tensor keys, so the loop's
-    to_device moves them), or None for a plain padded batch."""
-    if "packed_input_ids" not in batch:
-        return None
-    return PackedInputs(batch["packed_input_ids"], batch["packed_position_ids"],
-                        batch["packed_attention_mask"], batch.get("packed_source"))
-
-
-def packed_kwargs(batch: dict[str, Any]) -> dict[str, PackedInputs]:
-    """{"packed": PackedInputs} for a LogpsModel call when the batch carries one, else {}."""
-    packed = packed_from_batch(batch)
-    return {} if packed is None else {"packed": packed}
+    def to(self, device: torch.device | str) -> PackedInputs:
+        return PackedInputs(self.input_ids.to(device), self.position_ids.to(device),
+                            self.attention_mask.to(device),
+                            None if self.source is None else self.source.to(device))
 
 
 def fallback_note(model: torch.nn.Module, flag: str) -> str | None:
@@ -71,7 +67,8 @@ def fallback_note(model: torch.nn.Module, flag: str) -> str | None:
     return None if problem is None else f"warning: {flag} is off for this model: {problem}"
 
 
-def _batch_keys(packed: PackedInputs) -> dict[str, Tensor]:
+def packed_keys(packed: PackedInputs) -> dict[str, Tensor]:
+    """The flat packed_* tensors of `packed` (PackedInputs.from_keys reads them back)."""
     out = {"packed_input_ids": packed.input_ids, "packed_position_ids": packed.position_ids,
            "packed_attention_mask": packed.attention_mask}
     if packed.source is not None:
@@ -176,7 +173,7 @@ def pack_sequences(
             start += n
     packed = PackedInputs(input_ids, position_ids, _segment_mask(segments))
     return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "completion_mask": completion_mask, **_batch_keys(packed)}
+            "completion_mask": completion_mask, **packed_keys(packed)}
 
 
 # -- prefix sharing: [prompt | chosen | rejected] ----------------------------------------
@@ -211,7 +208,7 @@ def share_prefix(features: list[dict], pad_token_id: int, scored_width: int) -> 
         source[b] = b * width + before.clamp(max=width - 1)
         skip_chosen = torch.where(before < P, before, before + C)
         source[n + b] = b * width + skip_chosen.clamp(max=width - 1)
-    return _batch_keys(PackedInputs(input_ids, position_ids, mask, source))
+    return packed_keys(PackedInputs(input_ids, position_ids, mask, source))
 
 
 def share_prefix_positions(features: list[dict], pad_token_id: int, positions: Tensor

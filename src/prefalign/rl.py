@@ -1,4 +1,6 @@
-"""Reinforcement-learning math for PPO: pure functions of tensors.
+"""Reinforcement-learning math: PPO's reward shaping, GAE, KL estimates and controllers.
+
+Pure functions of tensors; PPO's losses are in `losses`, masked statistics in `masked`.
 
 Shapes: B sequences, T token positions. Per-token tensors are aligned with the tokens:
 x[:, t] belongs to token t (its log-prob, its value V(state before t), its reward). `mask`
@@ -10,36 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefalign.masked import last_token_index, masked_var
+
 KL_ESTIMATORS = ("k1", "k3")
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance over the masked entries (Bessel-corrected when unbiased, as TRL's PPO)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean.
-
-    Masked-out entries are returned as 0 so they cannot leak into later sums.
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -55,12 +30,6 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -
     if estimator == "k3":
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-
-
-def last_token_index(mask: Tensor) -> Tensor:
-    """(B,) index of the last True position of each row of (B, T) mask (0 if none)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
 
 
 def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
@@ -97,40 +66,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
         next_value = torch.where(m.bool(), values[:, t], next_value)
         next_advantage = torch.where(m.bool(), advantage, next_advantage)
     return advantages, (advantages + values) * mask
-
-
-def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                    clip_range: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347, eq. 7), as a loss.
-
-    ratio = exp(logp - logp_old); loss = mean over tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
-    Stats: clipfrac (share of tokens where the clipped term is the larger),
-    approxkl = mean(0.5 * (logp - logp_old)^2), ratio mean.
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approxkl": masked_mean(0.5 * log_ratio**2, mask),
-                 "ratio": masked_mean(ratio, mask)}
-    return loss, stats
-
-
-def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                   clip_range: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_clip - R)^2)),
-    V_clip = V_old + clip(V - V_old, -eps, eps) (the PPO2 baselines form)."""
-    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    loss_unclipped = (values - returns) ** 2
-    loss_clipped = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
-    return loss, stats
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

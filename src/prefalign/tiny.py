@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -86,6 +87,34 @@ def build_tokenizer(
     )
 
 
+def _tiny_config(arch: str, ids: dict, hidden_size: int, num_layers: int, num_heads: int,
+                 max_positions: int, **config_overrides) -> PretrainedConfig:
+    """The architecture's config at this size; `ids`: vocab size and special token ids."""
+    if arch in ("llama", "qwen2"):
+        config_cls = LlamaConfig if arch == "llama" else Qwen2Config
+        return config_cls(
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+            **config_overrides,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_positions,
+            **ids,
+            **config_overrides,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}: use llama, qwen2 or gpt2")
+
+
 def build_model(
     tokenizer: PreTrainedTokenizerFast,
     arch: str = "llama",
@@ -109,30 +138,8 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    if arch in ("llama", "qwen2"):
-        config_cls = LlamaConfig if arch == "llama" else Qwen2Config
-        config = config_cls(
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=max(1, num_heads // 2),
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            **ids,
-            **config_overrides,
-        )
-    elif arch == "gpt2":
-        config = GPT2Config(
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=num_heads,
-            n_positions=max_positions,
-            **ids,
-            **config_overrides,
-        )
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}: use llama, qwen2 or gpt2")
+    config = _tiny_config(arch, ids, hidden_size, num_layers, num_heads, max_positions,
+                          **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

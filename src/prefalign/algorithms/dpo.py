@@ -5,11 +5,11 @@ The reference log-probs come from, in order of preference for memory:
       in memory while training;
   (a) LoRA runs: the same weights with adapters disabled (no second copy);
   (b) full fine-tuning: a frozen copy of the starting model (or `ref_model`).
+algorithms.reference.make_reference chooses and builds it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -17,43 +17,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefalign.algorithms.reference import (
-    ReferenceScorer,
-    attach_reference_logps,
-    precompute_reference_logps,
-)
-from prefalign.algorithms.runner import (
-    finish_run,
-    load_frozen,
-    load_pairs,
-    load_policy,
-    model_reference,
-    open_run,
-)
-from prefalign.config import option, require
+from prefalign.algorithms.reference import FrozenCopy, Reference, make_reference
+from prefalign.batches import PreferenceBatch
+from prefalign.config import Section, option, require
 from prefalign.data import collate_preferences
-from prefalign.logprobs import CompletionLogps, LogpsModel
+from prefalign.logprobs import CompletionLogps
 from prefalign.losses import (
-    PREFERENCE_LOSS_NAMES,
-    PREFERENCE_LOSSES,
+    PREFERENCE_LOSS_CHOICES,
     LossParams,
     PairLogps,
+    loss_spec,
     nll_loss,
     preference_loss,
     weighted_mean,
 )
-from prefalign.packing import fallback_note, packed_kwargs, share_prefix
+from prefalign.masked import masked_mean
+from prefalign.packing import PackedInputs, fallback_note, share_prefix
 from prefalign.train.config import TrainConfig
-from prefalign.train.loop import Trainer, TrainResult
+from prefalign.train.loop import TrainResult
+from prefalign.train.run import Run
+from prefalign.train.sections import ReferenceOptions
 
 # Which tokens the NLL term (rpo_alpha, ORPO's SFT term) averages over; see DPOConfig.
 NLL_TOKENS = ("auto", "sequence", "completion")
 
 
-@dataclass
-class DPOConfig(TrainConfig):
+@dataclass(frozen=True)
+class DPOOptions(Section):
+    """The dpo section: the preference loss and how the pairs are scored (iterate's DPO
+    rounds take it too)."""
+
+    SECTION = "dpo"
+
     beta: float = option(0.1, "strength of the KL penalty toward the reference (ORPO: lambda)")
-    loss_type: str = option("sigmoid", "preference loss", choices=PREFERENCE_LOSS_NAMES)
+    loss_type: str = option("sigmoid", "preference loss; sigmoid is TRL's name for dpo",
+                            choices=PREFERENCE_LOSS_CHOICES)
     label_smoothing: float = option(0.0, "assumed label-flip rate (cDPO, robust, simpo)")
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma")
     rpo_alpha: float | None = option(
@@ -65,7 +63,6 @@ class DPOConfig(TrainConfig):
         choices=NLL_TOKENS)
     beta_per_source: dict[str, float] = option(
         {}, "a beta per data `source`, e.g. helpful=0.1,safe=0.5 (others use beta)")
-    ref_model: str | None = option(None, "reference model dir; none = the starting model")
     precompute_ref: bool = option(
         False, "compute reference log-probs once before training and cache them on disk")
     prefix_sharing: bool = option(
@@ -76,17 +73,17 @@ class DPOConfig(TrainConfig):
         "reference log-probs differ by the weights only, as TRL's DPOTrainer does by default")
 
     def validate(self) -> None:
-        super().validate()
         require(self.beta > 0, "beta", "must be > 0")
         require(all(b > 0 for b in self.beta_per_source.values()), "beta_per_source",
                 "values must be > 0")
         require(0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]")
-        spec = PREFERENCE_LOSSES[self.loss_type]
+        spec = loss_spec(self.loss_type)
         require(not self.label_smoothing or spec.uses_label_smoothing, "label_smoothing",
                 f"has no effect on loss_type {self.loss_type}")
         require(self.rpo_alpha is None or self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0")
         require(self.nll_tokens == "auto" or self.nll_weight > 0, "nll_tokens",
                 "has no effect without an NLL term (set rpo_alpha > 0 or loss_type orpo)")
+        super().validate()
 
     @property
     def nll_weight(self) -> float:
@@ -103,11 +100,14 @@ class DPOConfig(TrainConfig):
 
     @property
     def reference_free(self) -> bool:
-        return PREFERENCE_LOSSES[self.loss_type].reference_free
+        return loss_spec(self.loss_type).reference_free
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig, ReferenceOptions, DPOOptions):
+    """`prefalign dpo`: the shared trainer sections, the reference model, the dpo section."""
+
+    COMMAND = "dpo"
 
 
 def _completions_only(out: CompletionLogps, completion_mask: Tensor) -> CompletionLogps:
@@ -122,8 +122,8 @@ def _completions_only(out: CompletionLogps, completion_mask: Tensor) -> Completi
 class DPO:
     """compute_loss for the DPO family.
 
-    reference: scores the batch under the reference; None when the loss is reference-free
-    or the features carry precomputed `ref_chosen_logps` / `ref_rejected_logps`.
+    reference: the reference log-probs of the batch's rows (algorithms.reference, a
+    precomputed table included); None when the loss is reference-free.
 
     ORPO is TRL's ORPOTrainer (loss, rewards/*, nll_loss, log_odds_ratio, log_odds_chosen
     and gradients agree): loss = NLL of prompt + chosen tokens, a token mean over the batch,
@@ -135,48 +135,46 @@ class DPO:
     progress_keys = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, config: DPOConfig, pad_token_id: int,
-                 reference: ReferenceScorer | None) -> None:
+                 reference: Reference | None, prefix_sharing: bool | None = None) -> None:
         self.config = config
         self.pad_token_id = pad_token_id
         self.reference = reference
+        # What the run decided (run_dpo falls back to padded rows for a model that cannot
+        # take the shared-prefix mask); None = as configured.
+        self.prefix_sharing = config.prefix_sharing if prefix_sharing is None else prefix_sharing
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, features: list[dict[str, Any]]) -> PreferenceBatch:
         batch = collate_preferences(features, self.pad_token_id)
-        if self.config.prefix_sharing:
-            batch.update(share_prefix(features, self.pad_token_id, batch["input_ids"].shape[1]))
-        if "ref_chosen_logps" in features[0]:
-            batch["ref_logps"] = torch.tensor(
-                [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features])
+        if self.prefix_sharing:
+            shared = share_prefix(features, self.pad_token_id, batch.input_ids.shape[1])
+            batch.packed = PackedInputs.from_keys(shared)
         return batch
 
     def units(self, features: list[dict[str, Any]]) -> float:
         # The loss is a weighted mean over pairs: weight 2 counts like the pair repeated.
         return float(sum(f.get("weight", 1.0) for f in features))
 
-    def _beta(self, batch: dict[str, Any]) -> float | Tensor:
+    def _beta(self, batch: PreferenceBatch) -> float | Tensor:
         per_source = self.config.beta_per_source
         if not per_source:
             return self.config.beta
-        sources = batch.get("source") or [None] * (batch["input_ids"].shape[0] // 2)
+        sources = batch.source or [None] * batch.pairs
         return torch.tensor([per_source.get(s, self.config.beta) for s in sources])
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
-        inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        shared = packed_kwargs(batch)
-        half = batch["input_ids"].shape[0] // 2
-        scored = batch["completion_mask"].bool()
+    def compute_loss(self, model: torch.nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict]:
+        shared = batch.packed_kwargs()
+        half = batch.pairs
+        scored = batch.completion_mask.bool()
         if self.config.nll_weight and self.config.nll_covers_prompt:
             # One forward scores the chosen rows' prompt tokens too, for the NLL term only.
             scored = scored.clone()
-            scored[:half] |= batch["attention_mask"][:half].bool()
-        full: CompletionLogps = model(*inputs[:2], scored, stats=True, **shared)
-        out = _completions_only(full, batch["completion_mask"])
-        if self.config.reference_free:
-            ref = None
-        elif "ref_logps" in batch:
-            ref = batch["ref_logps"].to(out.logps)
-        else:
-            ref = self.reference(model, *inputs, **shared)
+            scored[:half] |= batch.attention_mask[:half].bool()
+        full: CompletionLogps = model(batch.input_ids, batch.attention_mask, scored, stats=True,
+                                      **shared)
+        out = _completions_only(full, batch.completion_mask)
+        ref = None
+        if not self.config.reference_free:  # precomputed numbers too: a PrecomputedTable
+            ref = self.reference(model, *batch.inputs(), index=batch.index, **shared).to(out.logps)
         logps = PairLogps(
             chosen=out.logps[:half], rejected=out.logps[half:],
             ref_chosen=None if ref is None else ref[:half],
@@ -186,7 +184,7 @@ class DPO:
         params = LossParams(beta=self._beta(batch), label_smoothing=self.config.label_smoothing,
                             simpo_gamma=self.config.simpo_gamma)
         result = preference_loss(self.config.loss_type, logps, params)
-        loss = weighted_mean(result.losses, batch.get("weight"))
+        loss = weighted_mean(result.losses, batch.weight)
         metrics = {
             "rewards/chosen": result.chosen_rewards.mean(),
             "rewards/rejected": result.rejected_rewards.mean(),
@@ -194,8 +192,8 @@ class DPO:
             "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float().mean(),
             "logps/chosen": logps.chosen.detach().mean(),
             "logps/rejected": logps.rejected.detach().mean(),
-            "logits/chosen": _masked_mean(out.mean_logits[:half], out.mask[:half]),
-            "logits/rejected": _masked_mean(out.mean_logits[half:], out.mask[half:]),
+            "logits/chosen": masked_mean(out.mean_logits[:half], out.mask[:half]),
+            "logits/rejected": masked_mean(out.mean_logits[half:], out.mask[half:]),
         }
         metrics.update({key: values.mean() for key, values in result.stats.items()})
         if self.config.nll_weight:
@@ -209,41 +207,23 @@ def run_dpo(config: DPOConfig, accelerator=None) -> TrainResult:
     """`prefalign dpo`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml)."""
     require(not (config.precompute_ref and config.reference_free), "precompute_ref",
             f"does nothing for the reference-free loss {config.loss_type}")
-    run = open_run(config, accelerator)
-    pad = run.tokenizer.pad_token_id
-    train = load_pairs(config.data, run, "data")
-    evals = load_pairs(config.eval_data, run, "eval_data") if config.eval_data else []
-    load_policy(run)
+    run = Run.open(config, accelerator)
+    train, _ = run.load("preferences", config.data)
+    evals, _ = run.load("preferences", config.eval_data, "eval_data")
+    run.load_model()
+    reference = make_reference(run, config, precompute_for=(train, evals))
+    algorithm = DPO(config, run.tokenizer.pad_token_id, reference,
+                    prefix_sharing=_prefix_sharing(run, reference))
+    return run.fit(algorithm, train, evals)
 
-    reference = None
-    if not config.reference_free:
-        if config.ref_model:
-            reference = ReferenceScorer(load_frozen(config.ref_model, run), config.logps_chunk_size)
-        elif not run.is_lora:
-            # The starting weights, frozen: a second copy, unless precomputed below.
-            reference = ReferenceScorer(copy.deepcopy(run.model), config.logps_chunk_size)
-        else:
-            reference = ReferenceScorer(None)  # the policy with its adapters disabled
-        reference.to(run.accelerator.device)
-    if config.prefix_sharing:
-        models = [run.model] + ([reference.frozen.model] if reference and reference.frozen else [])
-        note = next(filter(None, (fallback_note(m, "prefix_sharing") for m in models)), None)
-        if note:
-            run.print(note)
-            config.prefix_sharing = False
-    policy = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
-    if config.precompute_ref:
-        identity = f"{config.ref_model or model_reference(config.model)}|lora={run.is_lora}"
-        for features in (train, evals):
-            if features:
-                logps = precompute_reference_logps(
-                    features, reference, policy.to(run.accelerator.device),
-                    lambda f: collate_preferences(f, pad), config.batch_size,
-                    run.accelerator.device, run.output_dir / "cache", identity)
-                attach_reference_logps(features, logps)
-        reference = None  # frees the frozen copy: training reads the cached numbers
-    algorithm = DPO(config, pad, reference)
-    trainer = Trainer(config, policy, algorithm, train, evals, run.accelerator)
-    result = trainer.train()
-    finish_run(run)
-    return result
+
+def _prefix_sharing(run: Run, reference: Reference | None) -> bool:
+    """config.prefix_sharing, unless the policy or a frozen reference cannot take the
+    shared-prefix mask: then padded rows, recorded in the run's log."""
+    if not run.config.prefix_sharing:
+        return False
+    models = [run.model] + ([reference.base] if isinstance(reference, FrozenCopy) else [])
+    note = next(filter(None, (fallback_note(m, "prefix_sharing") for m in models)), None)
+    if note:
+        run.note(note)
+    return note is None

@@ -12,10 +12,11 @@ when loaded (models.load_causal_lm), so round r's `dpo/final` is a valid model f
 With LoRA each round's `dpo/final` is one adapter over the true base holding every round so
 far (lora.save_adapter stacks them: rank r * lora_r after round r), which PEFT loads alone.
 
-Every DPO option is an iterate option (a DPO YAML works as --config as it is); `data` holds
-the prompts. OUTPUT/round-R/ holds pairs.jsonl, pairs.candidates.jsonl (every sample with
-its score and log-probs) and dpo/ (a DPO run). OUTPUT/rounds.jsonl gets one record per
-round, printed as well, to show when gains level off:
+Every DPO option but ref_model is an iterate option (a DPO YAML without it works as
+--config as it is); `data` holds the prompts. OUTPUT/round-R/ holds pairs.jsonl,
+pairs.candidates.jsonl (every sample with its score and log-probs) and dpo/ (a DPO run).
+OUTPUT/rounds.jsonl gets one record per round, printed as well, to show when gains level
+off:
   mean_score    mean score of the round's samples, i.e. of the policy the round starts from
   score_gain    mean_score minus the previous record's: what the previous round's DPO gained
   kl_to_start   mean over samples of sum_t (log pi_round - log pi_start), a sample estimate of
@@ -41,26 +42,29 @@ from typing import Any
 
 import torch
 
-from prefalign.algorithms.dpo import DPOConfig, run_dpo
-from prefalign.config import option, require, save_config
+from prefalign.algorithms.dpo import DPOConfig, DPOOptions, run_dpo
+from prefalign.config import Section, option, option_like, require, save_config
 from prefalign.errors import PrefalignError
-from prefalign.preferences.best_of_n import PAIRINGS, generate_preferences, sidecar
+from prefalign.generation import SamplingOptions
+from prefalign.preferences.best_of_n import PAIRINGS, generate_preferences
+from prefalign.preferences.journal import sidecar
+from prefalign.train.config import TrainConfig
 from prefalign.train.output_dir import prepare_output_dir
+from prefalign.train.sections import PromptDataOptions
 
 
-@dataclass
-class IterateConfig(DPOConfig):
-    data: str = option("", "prompts to sample from each round (rows with prompt or messages, "
-                       "or preference rows, whose prompts are used)")
+@dataclass(frozen=True)
+class IterateOptions(Section):
+    """The iterate section: rounds, the scorer, and how samples become pairs."""
+
+    SECTION = "iterate"
+
     rounds: int = option(2, "rounds of generate -> score -> DPO")
     scorer: str = option("", "what scores samples: a reward-model directory or a scorer spec "
                          "(see prefalign generate --help)")
     num_candidates: int = option(4, "samples per prompt per round")
     prompts_per_round: int | None = option(
         None, "prompts per round, taken in turn through the data; none = every prompt")
-    max_new_tokens: int = option(128, "tokens per sample")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling mass")
     generation_batch_size: int = option(8, "prompts per generation batch")
     pairing: str = option("extremes", "how samples are paired (see prefalign generate)",
                           choices=PAIRINGS)
@@ -68,20 +72,34 @@ class IterateConfig(DPOConfig):
     evaluate_final: bool = option(True, "after the last round, sample and score its model once")
 
     def validate(self) -> None:
-        super().validate()
-        require(bool(self.data), "data", "is required (--data PROMPTS)")
         require(bool(self.scorer), "scorer", "is required: a reward-model directory or a spec")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.num_candidates >= 2, "num_candidates", "must be >= 2 to make pairs")
         require(self.prompts_per_round is None or self.prompts_per_round >= 1,
                 "prompts_per_round", "must be >= 1")
-        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        require(self.temperature > 0, "temperature", "must be > 0: greedy samples are all alike")
-        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
         require(self.min_gap >= 0, "min_gap", "must be >= 0")
-        require(self.ref_model is None, "ref_model", "is not used: each round's reference is "
-                "the model the round starts from")
+        super().validate()
+
+
+@dataclass(frozen=True)
+class IterateConfig(TrainConfig, SamplingOptions, DPOOptions, IterateOptions):
+    """`prefalign iterate`: every section of a DPO run but the reference model (each round's
+    reference is the model the round starts from), plus sampling (how each round's
+    candidates are drawn) and the iterate section."""
+
+    COMMAND = "iterate"
+
+    data: str = option_like(PromptDataOptions, "data", "",
+                            "prompts to sample from each round (rows with prompt or messages, "
+                            "or preference rows, whose prompts are used)")
+    temperature: float = option_like(SamplingOptions, "temperature", 1.0,
+                                     "sampling temperature (> 0: greedy samples are all alike)")
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.data), "data", "is required (--data PROMPTS)")
+        require(self.temperature > 0, "temperature", "must be > 0: greedy samples are all alike")
         require(not self.reference_free, "loss_type", f"{self.loss_type} has no reference; "
                 "iterate's rounds are defined by theirs")
 
@@ -194,69 +212,110 @@ def _release_memory() -> None:
 
 def run_iterate(config: IterateConfig, accelerator: Any = None) -> list[dict[str, Any]]:
     """`prefalign iterate`: run the rounds (see the module docstring); returns the records."""
-    from prefalign.algorithms.runner import model_reference
-    from prefalign.data.prompts import load_prompts
-    from prefalign.models import load_causal_lm, load_tokenizer
-    from prefalign.preferences.scorer_spec import load_scorer
-
-    out = Path(config.output_dir)
-    prepare_output_dir(config)  # no overlap with --model/--data/--scorer, no earlier run
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    log = out / "rounds.jsonl"
-    records = _read_records(log)
-    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    done = {(r["stage"], r["round"]) for r in records}
-    rows = load_prompts(config.data, config.split, config.columns,
-                        log=lambda line: print(f"data: {line}", flush=True))
-    prompts = [{k: p[k] for k in ("prompt", "id") if k in p} for p in rows]
-    scorer = load_scorer(config.scorer)
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template,
-                               config.text_as_chat)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = load_causal_lm(config.model, config.trust_remote_code).to(device).eval()
-    dpo_fields = [f.name for f in dataclasses.fields(DPOConfig) if f.init]
+    rounds = Rounds.open(config, accelerator)
     stages = [("round", r) for r in range(1, config.rounds + 1)]
     stages += [("final", config.rounds + 1)] if config.evaluate_final else []
+    done = {(r["stage"], r["round"]) for r in rounds.records}
     for stage, r in stages:
-        if (stage, r) in done:
-            continue
-        policy_path = config.model if r == 1 else str(out / f"round-{r - 1}" / "dpo" / "final")
-        round_dir = out / (f"round-{r}" if stage == "round" else "final-eval")
-        policy = start if r == 1 else load_causal_lm(policy_path, config.trust_remote_code)
-        policy.to(device).eval()
-        pairs_path = round_dir / "pairs.jsonl"
-        generate_preferences(
-            policy, round_prompts(prompts, config, r), pairs_path, scorer,
-            num_candidates=config.num_candidates, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature, top_p=config.top_p, seed=config.seed + r,
-            batch_size=config.generation_batch_size, pairing=config.pairing,
-            min_gap=config.min_gap, keep_candidates=True, tokenizer=tokenizer,
-            candidate_fields=logp_fields(policy, start, tokenizer.pad_token_id,
-                                         config.temperature, config.num_candidates,
-                                         config.generation_batch_size * config.num_candidates))
-        policy = None  # only the start model stays loaded while DPO trains
-        _release_memory()
+        if (stage, r) not in done:
+            rounds.run_stage(stage, r)
+    return rounds.records
+
+
+@dataclass
+class Rounds:
+    """What every round shares: the settings, the prompts, the scorer, the start model and
+    the records so far (OUTPUT/rounds.jsonl)."""
+
+    config: IterateConfig
+    accelerator: Any
+    out: Path
+    records: list[dict[str, Any]]
+    prompts: list[dict]
+    scorer: Any
+    tokenizer: Any
+    start: torch.nn.Module
+    device: str
+
+    @classmethod
+    def open(cls, config: IterateConfig, accelerator: Any = None) -> Rounds:
+        """Check and create OUTPUT, write config.yaml, read back the finished rounds, load
+        the prompts, the scorer and the start model (--model)."""
+        from prefalign.data.prompts import load_prompts
+        from prefalign.models import load_causal_lm, load_tokenizer
+        from prefalign.scoring import load_scorer
+
+        out = Path(config.output_dir)
+        prepare_output_dir(config)  # no overlap with --model/--data/--scorer, no earlier run
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        log = out / "rounds.jsonl"
+        records = _read_records(log)
+        log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        rows = load_prompts(config.data, config.split, config.columns,
+                            log=lambda line: print(f"data: {line}", flush=True))
+        prompts = [{k: p[k] for k in ("prompt", "id") if k in p} for p in rows]
+        scorer = load_scorer(config.scorer)  # a bad scorer is refused before the model loads
+        tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template,
+                                   config.text_as_chat)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        start = load_causal_lm(config.model, config.trust_remote_code).to(device).eval()
+        return cls(config, accelerator, out, records, prompts, scorer,
+                   tokenizer, start, device)
+
+    def run_stage(self, stage: str, r: int) -> dict[str, Any]:
+        """Sample and score with round r's policy; a "round" stage then trains DPO on the
+        pairs. Appends the stage's record (printed too)."""
+        from prefalign.models import model_reference
+
+        c = self.config
+        policy_path = c.model if r == 1 else str(self.out / f"round-{r - 1}" / "dpo" / "final")
+        round_dir = self.out / (f"round-{r}" if stage == "round" else "final-eval")
+        pairs_path = self.sample(r, policy_path, round_dir / "pairs.jsonl")
         record = {"stage": stage, "round": r, "policy": model_reference(policy_path),
                   **round_stats(pairs_path)}
-        previous = records[-1]["mean_score"] if records else None
+        previous = self.records[-1]["mean_score"] if self.records else None
         record["score_gain"] = None if previous is None else record["mean_score"] - previous
         if stage == "round":
             if record["pairs"] == 0:
                 raise PrefalignError(f"round {r}: no preference pairs in {pairs_path} (every "
                                      "candidate tied or was identical); use more candidates, "
                                      "a higher temperature or a finer-grained scorer")
-            dpo_dir = round_dir / "dpo"
-            if not _final_exists(dpo_dir / "final"):
-                values = {name: getattr(config, name) for name in dpo_fields}
-                values.update(model=policy_path, data=str(pairs_path), output_dir=str(dpo_dir))
-                # columns and split describe the user's prompt file, not the pairs written here.
-                values.update(columns={}, split=None)
-                dpo_config = DPOConfig(**values)
-                dpo_config.validate()
-                run_dpo(dpo_config, accelerator)
-            record.update(dpo_output=str(dpo_dir / "final"), **dpo_stats(dpo_dir))
-        _append_record(log, record)
-        records.append(record)
-        print(format_record(record, config.rounds), flush=True)
-    return records
+            record.update(self.train(policy_path, pairs_path, round_dir / "dpo"))
+        _append_record(self.out / "rounds.jsonl", record)
+        self.records.append(record)
+        print(format_record(record, c.rounds), flush=True)
+        return record
+
+    def sample(self, r: int, policy_path: str, pairs_path: Path) -> Path:
+        """Round r's pairs (and candidates with their log-probs) from its policy."""
+        from prefalign.models import load_causal_lm
+
+        c = self.config
+        policy = self.start if r == 1 else load_causal_lm(policy_path, c.trust_remote_code)
+        policy.to(self.device).eval()
+        generate_preferences(
+            policy, round_prompts(self.prompts, c, r), pairs_path, self.scorer,
+            num_candidates=c.num_candidates, sampling=c, seed=c.seed + r,
+            batch_size=c.generation_batch_size, pairing=c.pairing,
+            min_gap=c.min_gap, keep_candidates=True, tokenizer=self.tokenizer,
+            candidate_fields=logp_fields(policy, self.start, self.tokenizer.pad_token_id,
+                                         c.temperature, c.num_candidates,
+                                         c.generation_batch_size * c.num_candidates))
+        policy = None  # only the start model stays loaded while DPO trains
+        _release_memory()
+        return pairs_path
+
+    def train(self, policy_path: str, pairs_path: Path, dpo_dir: Path) -> dict[str, Any]:
+        """DPO from the round's policy on its pairs (kept if a final/ is there already)."""
+        if not _final_exists(dpo_dir / "final"):
+            names = [f.name for f in dataclasses.fields(DPOConfig)
+                     if f.init and hasattr(self.config, f.name)]  # all but ref_model
+            values = {name: getattr(self.config, name) for name in names}
+            values.update(model=policy_path, data=str(pairs_path), output_dir=str(dpo_dir))
+            # columns and split describe the user's prompt file, not the pairs written here.
+            values.update(columns={}, split=None)
+            dpo_config = DPOConfig(**values)
+            dpo_config.validate()
+            run_dpo(dpo_config, self.accelerator)
+        return {"dpo_output": str(dpo_dir / "final"), **dpo_stats(dpo_dir)}

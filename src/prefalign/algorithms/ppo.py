@@ -19,17 +19,19 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from prefalign.algorithms.reference import eval_mode
-from prefalign.config import option, require
+from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
+from prefalign.batches import RolloutBatch
+from prefalign.config import Section, option, option_like, require
 from prefalign.errors import ConfigError
-from prefalign.generation import SamplingConfig, generate
-from prefalign.lora import disable_adapters
-from prefalign.preferences.scorers import row_columns
+from prefalign.generation import SamplingConfig, SamplingOptions, generate
+from prefalign.logprobs import LogpsModel
+from prefalign.losses import ppo_policy_loss, ppo_value_loss
+from prefalign.masked import masked_mean, masked_whiten
 from prefalign.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -37,18 +39,25 @@ from prefalign.rl import (
     explained_variance,
     gae,
     kl_estimate,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
     shaped_rewards,
 )
-from prefalign.train.config import TrainConfig
-from prefalign.train.loop import to_device
+from prefalign.scoring import TextPrompts, load_scorer, row_columns
+from prefalign.train.run import Run
+from prefalign.train.sections import (
+    MergeOption,
+    ModelOptions,
+    OptimOptions,
+    PromptDataOptions,
+    RunOptions,
+)
 
 
-@dataclass
-class PPOConfig(TrainConfig):
+@dataclass(frozen=True)
+class PPOOptions(Section):
+    """The ppo section: the scorer, the critic, the KL penalty, GAE and the clipped update."""
+
+    SECTION = "ppo"
+
     reward_model: str | None = option(None, "reward model directory (from prefalign reward)")
     reward_fn: str | None = option(
         None, "scorer instead of a reward model: module:function or a built-in scorer spec")
@@ -73,10 +82,6 @@ class PPOConfig(TrainConfig):
     reward_clip: float | None = option(None, "clip scores to [-c, c]")
     missing_eos_penalty: float | None = option(
         None, "subtract this from the score of responses that did not end with EOS/stop")
-    max_new_tokens: int = option(64, "response length limit")
-    temperature: float = option(0.7, "sampling temperature (> 0)")
-    top_p: float = option(1.0, "nucleus sampling")
-    stop_strings: list[str] = option([], "end a response at any of these strings")
     num_samples: int = option(4, "sample generations written to samples.jsonl per log")
     disable_dropout: bool = option(
         True, "switch off every dropout (the model's, LoRA's and the critic's): with it on, "
@@ -84,7 +89,6 @@ class PPOConfig(TrainConfig):
         "PPOTrainer always switches it off)")
 
     def validate(self) -> None:
-        super().validate()
         require(not (self.reward_model and self.reward_fn), "reward_model",
                 "and reward_fn exclude each other: give one")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
@@ -94,8 +98,29 @@ class PPOConfig(TrainConfig):
         require(self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "must be > 0")
         require(self.ppo_epochs >= 1 and self.num_mini_batches >= 1, "ppo_epochs",
                 "and num_mini_batches must be >= 1")
+        super().validate()
+
+
+@dataclass(frozen=True)
+class PPOConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
+                SamplingOptions, PPOOptions):
+    """`prefalign ppo`: model, prompts, optim, run, sampling and the ppo section. No eval
+    set, and no truncation or length options: prompts are sampled from as they are."""
+
+    COMMAND = "ppo"
+    # The loop's length grouping has no lengths to group prompts by.
+    group_by_length: ClassVar[bool] = False
+
+    data: str = option_like(PromptDataOptions, "data", "",
+                            "prompts to sample from: JSONL, JSON, Parquet, CSV or a datasets "
+                            "folder (rows with prompt or messages, or preference rows)")
+    max_new_tokens: int = option_like(SamplingOptions, "max_new_tokens", 64)
+    temperature: float = option_like(SamplingOptions, "temperature", 0.7,
+                                     "sampling temperature (> 0: PPO needs sampling)")
+
+    def validate(self) -> None:
+        super().validate()
         require(self.temperature > 0, "temperature", "must be > 0 (PPO needs sampling)")
-        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
 
 
 Scorer = Callable[[list, list], list]
@@ -107,12 +132,12 @@ class PPO:
     progress_keys = ("objective/scores", "objective/kl")
 
     def __init__(self, config: PPOConfig, tokenizer: Any, scorer: Scorer, accelerator: Any,
-                 reference=None, samples_path=None) -> None:
+                 reference: AdaptersOff | FrozenCopy | None = None, samples_path=None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.scorer = scorer
         self.accelerator = accelerator
-        self.reference = reference  # a frozen causal LM, or None: adapters disabled
+        self.reference = reference  # from make_reference; None only if nothing is rolled out
         self.samples_path = samples_path
         self.minibatches_per_step = config.num_mini_batches
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
@@ -125,8 +150,8 @@ class PPO:
     def units(self, rows: list[dict]) -> float:
         return float(len(rows))
 
-    def collate(self, rows: list[dict]) -> dict[str, Tensor]:
-        """Experience rows -> right-padded (B, T) tensors."""
+    def collate(self, rows: list[dict]) -> RolloutBatch:
+        """Experience rows -> a RolloutBatch of right-padded (B, T) tensors."""
         length = max(len(r["input_ids"]) for r in rows)
 
         def pad(key: str, value: Any = 0) -> Tensor:
@@ -135,22 +160,21 @@ class PPO:
                 out[i, : len(r[key])] = r[key]
             return out
 
-        batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id),
-                 "attention_mask": pad("attention_mask"), "completion_mask": pad("completion_mask")}
-        for key in ("old_logps", "old_values", "advantages", "returns"):
-            if key in rows[0]:
-                batch[key] = pad(key)
-        return batch
+        scored = {key: pad(key) for key in ("old_token_logps", "old_values", "advantages",
+                                            "returns") if key in rows[0]}
+        return RolloutBatch(pad("input_ids", self.tokenizer.pad_token_id),
+                            pad("attention_mask"), pad("completion_mask"), **scored)
 
-    def compute_loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    def compute_loss(self, model, batch: RolloutBatch) -> tuple[Tensor, dict]:
         c = self.config
-        out, values = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                            temperature=c.temperature, stats=True, chunk_size=c.logps_chunk_size)
+        out, values = model(*batch.inputs(), temperature=c.temperature, stats=True,
+                            chunk_size=c.logps_chunk_size)
         mask = out.mask
-        pg_loss, pg = ppo_policy_loss(out.token_logps, batch["old_logps"], batch["advantages"],
-                                      mask, c.cliprange)
-        vf_loss, vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
-                                     c.cliprange_value)
+        pg_losses, pg = ppo_policy_loss(out.token_logps, batch.old_token_logps, batch.advantages,
+                                        mask, c.cliprange)
+        vf_losses, vf = ppo_value_loss(values, batch.old_values, batch.returns, mask,
+                                       c.cliprange_value)
+        pg_loss, vf_loss = masked_mean(pg_losses, mask), masked_mean(vf_losses, mask)
         self._approxkl.append(pg["approxkl"])
         return pg_loss + c.vf_coef * vf_loss, {
             "policy/loss": pg_loss.detach(), "policy/approxkl": pg["approxkl"],
@@ -197,18 +221,14 @@ class PPO:
             sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
         return sums.tolist()
 
-    def _whiten(self, x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-        """rl.masked_whiten with the mean and variance of every process's rollouts, so
-        advantages are scaled alike everywhere, as they would be on one process."""
-        if self.accelerator.num_processes == 1:
-            return masked_whiten(x, mask, shift_mean=shift_mean)
-        m = mask.to(x.dtype)
-        total, n = self._global_sums((x * m).sum(), m.sum())
-        mean = total / max(n, 1.0)
-        (squares,) = self._global_sums((((x - mean) ** 2) * m).sum())
-        var = squares / max(n, 1.0) * n / max(n - 1, 1.0)  # Bessel, as rl.masked_var
-        whitened = (x - mean) * (var + 1e-8) ** -0.5
-        return (whitened + mean if not shift_mean else whitened) * mask
+    def sum_across(self, values: Tensor) -> Tensor:
+        """`values` summed over every process (identity on one): masked.Reduce, so that
+        whitening uses the mean and variance of every process's rollouts and advantages
+        are scaled alike everywhere, as they would be on one process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return values
+        return acc.reduce(values.to(acc.device), reduction="sum").to(values.device)
 
     def pop_metrics(self) -> dict[str, Any]:
         metrics, self._metrics = self._metrics, {}
@@ -226,27 +246,25 @@ class PPO:
     def _rollout(self, model, prompts: list[dict]) -> list[dict]:
         c, acc = self.config, self.accelerator
         unwrapped = acc.unwrap_model(model)
-        sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                                  top_p=c.top_p, stop_strings=list(c.stop_strings),
-                                  seed=c.seed * 100_003 + self.iteration * acc.num_processes
-                                  + acc.process_index, batch_size=c.batch_size)
+        sampling = SamplingConfig.of(c, seed=c.seed * 100_003 + self.iteration
+                                     * acc.num_processes + acc.process_index,
+                                     batch_size=c.batch_size)
         gens = generate(unwrapped.policy, self.tokenizer, [p["prompt"] for p in prompts],
                         sampling, progress=False)
         rows = [self._row(g) for g in gens]
         # Old log-probs and values: the update's forward, on the update's micro-batches.
         for start in range(0, len(rows), c.batch_size):
             part = rows[start : start + c.batch_size]
-            batch = to_device(self.collate(part), acc.device)
-            inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            inputs = self.collate(part).to(acc.device).inputs()
             with acc.autocast():
                 out, values = model(*inputs, temperature=c.temperature, stats=True,
                                     chunk_size=c.logps_chunk_size)
                 ref = self._reference_logps(unwrapped, inputs)
             for i, row in enumerate(part):
                 n = len(row["input_ids"])
-                row["old_logps"] = out.token_logps[i, :n].float().cpu()
+                row["old_token_logps"] = out.token_logps[i, :n].float().cpu()
                 row["old_values"] = values[i, :n].float().cpu()
-                row["ref_logps"] = ref[i, :n].float().cpu()
+                row["ref_token_logps"] = ref[i, :n].float().cpu()
                 row["entropy"] = float(masked_mean(out.entropy[i, :n], out.mask[i, :n]))
         texts = [g.text for g in gens]
         scores = torch.tensor(self.scorer([p["prompt"] for p in prompts], texts,
@@ -261,13 +279,11 @@ class PPO:
                 "completion_mask": completion, "finished": g.finished}
 
     def _reference_logps(self, unwrapped, inputs) -> Tensor:
-        from prefalign.logprobs import completion_logps
-
-        T = self.config.temperature
-        if self.reference is not None:
-            return completion_logps(self.reference, *inputs, temperature=T).token_logps
-        with disable_adapters(unwrapped.policy), eval_mode(unwrapped.policy):
-            return completion_logps(unwrapped.policy, *inputs, temperature=T).token_logps
+        """(B, T) reference log-probs per token, at the sampling temperature: the KL
+        penalty is per token (a FrozenCopy ignores the policy; AdaptersOff reads it)."""
+        policy = LogpsModel(unwrapped.policy)
+        out = self.reference.score(policy, *inputs, temperature=self.config.temperature)
+        return out.token_logps
 
     def _advantages(self, rows, scores: Tensor, prompts, texts, gens) -> list[dict]:
         c = self.config
@@ -278,17 +294,18 @@ class PPO:
         if c.reward_clip is not None:
             scores = scores.clamp(-c.reward_clip, c.reward_clip)
         if c.whiten_rewards:
-            scores = self._whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
+            scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool),
+                                   shift_mean=False, reduce=self.sum_across)
         batch = self.collate(rows)
-        mask = batch["completion_mask"] & batch["attention_mask"].bool()
+        mask = batch.completion_mask & batch.attention_mask.bool()
         mask[:, 0] = False
-        pad = lambda key: self._pad_key(rows, key, batch["input_ids"].shape[1])  # noqa: E731
-        old_logps, ref_logps, values = pad("old_logps"), pad("ref_logps"), pad("old_values")
-        kl = kl_estimate(old_logps, ref_logps, c.kl_estimator) * mask
+        pad = lambda key: self._pad_key(rows, key, batch.input_ids.shape[1])  # noqa: E731
+        old, ref, values = pad("old_token_logps"), pad("ref_token_logps"), pad("old_values")
+        kl = kl_estimate(old, ref, c.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
         rewards = shaped_rewards(scores, kl, mask, kl_coef)
         advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
-        advantages = self._whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce=self.sum_across)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             row["advantages"], row["returns"] = advantages[i, :n], returns[i, :n]
@@ -335,64 +352,51 @@ class PPO:
                                          "response": t, "score": s}) + "\n")
 
 
-def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> str:
-    """What a scorer sees of a prompt: the text itself, or the rendered chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def resolve_scorer(spec: Any, tokenizer: Any) -> Scorer:
-    """A reward-model dir, a scorer spec or a Python callable ->
-    (prompts, responses, columns=None) -> scores; columns: the prompt rows' other fields
-    (preferences.scorers.row_columns), read by reward functions in TRL's form.
-
-    Chat prompts reach the scorer as their rendered template text.
-    """
-    from prefalign.preferences.scorer_spec import load_scorer
-
-    scorer = load_scorer(spec)
-    return lambda prompts, responses, columns=None: scorer(
-        [prompt_text(tokenizer, p) for p in prompts], responses, columns)
-
-
 def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None):
     """`prefalign ppo`: train, then write OUTPUT/final (+ value_head.safetensors).
 
     scorer: a Python function (prompts, responses) -> scores (or one taking a single
     pair), used instead of config.reward_model / reward_fn.
     """
-    import copy
-
-    from prefalign.algorithms.ppo_models import (
-        PolicyWithValue,
-        ValueHead,
-        critic_backbone,
-        save_value_head,
-    )
-    from prefalign.algorithms.runner import finish_run, start_run
-    from prefalign.data.prompts import load_prompts
-    from prefalign.lora import apply_lora
-    from prefalign.models import disable_dropout
+    from prefalign.models import save_value_head
     from prefalign.train.distributed import shards_parameters
-    from prefalign.train.loop import Trainer
 
-    if not (scorer or config.reward_model or config.reward_fn):
-        raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
-                          "model directory or a scorer spec (module:function, a built-in)")
-    if not scorer and config.reward_model:
-        from prefalign.reward_model import check_reward_model
-
-        check_reward_model(config.reward_model)  # before minutes of loading the policy
-    run = start_run(config, accelerator)
+    _require_scorer(config, scorer)
+    run = Run.open(config, accelerator)
+    prompts, _ = run.load_prompts(config.data)
+    run.load_model()
     if shards_parameters(run.accelerator):
         # Sampling runs the unwrapped policy, which under FSDP / ZeRO-3 holds only a shard.
         raise ConfigError("PPO does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling needs "
                           "the whole policy on every process. Use DDP or ZeRO-2 (see "
                           "docs/distributed.md)")
-    prompts = load_prompts(config.data, config.split, config.columns,
-                           log=lambda line: run.print(f"data: {line}"))
-    run.print(f"data: {config.data}: {len(prompts)} prompts")
+    module = policy_with_value(run, config)
+    score = TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
+                        run.tokenizer)
+    algorithm = PPO(config, run.tokenizer, score, run.accelerator, make_reference(run, config),
+                    samples_path=run.output_dir / "samples.jsonl")
+    return run.fit(algorithm, prompts, [], model=module,
+                   extra=lambda directory: save_value_head(module.value_head, directory))
+
+
+def _require_scorer(config: PPOConfig, scorer: Callable | None) -> None:
+    """What scores the rollouts must be given, and a reward model checked before minutes
+    of loading the policy."""
+    if not (scorer or config.reward_model or config.reward_fn):
+        raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
+                          "model directory or a scorer spec (module:function, a built-in)")
+    if not scorer and config.reward_model:
+        from prefalign.models import check_reward_model
+
+        check_reward_model(config.reward_model)
+
+
+def policy_with_value(run: Run, config: PPOConfig):
+    """run.model with a value head: on its own backbone, or on a separate critic
+    (config.value_model) with LoRA and dropout as the policy's."""
+    from prefalign.lora import apply_lora
+    from prefalign.models import PolicyWithValue, ValueHead, critic_backbone, disable_dropout
+
     critic = None
     if config.value_model:
         critic = critic_backbone(config.value_model)
@@ -401,14 +405,4 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
         if config.disable_dropout:
             disable_dropout(critic)
     hidden = (critic or run.model).config.get_text_config().hidden_size
-    module = PolicyWithValue(run.model, ValueHead(hidden), critic)
-    reference = None
-    if not run.is_lora:
-        reference = copy.deepcopy(run.model).requires_grad_(False).eval()
-        reference.to(run.accelerator.device)
-    score = resolve_scorer(scorer or config.reward_model or config.reward_fn, run.tokenizer)
-    algorithm = PPO(config, run.tokenizer, score, run.accelerator, reference,
-                    samples_path=run.output_dir / "samples.jsonl")
-    result = Trainer(config, module, algorithm, prompts, None, run.accelerator).train()
-    finish_run(run, extra=lambda directory: save_value_head(module.value_head, directory))
-    return result
+    return PolicyWithValue(run.model, ValueHead(hidden), critic)

@@ -24,28 +24,31 @@ from typing import Any
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from prefalign.algorithms.runner import Run, data_options, finish_run, load_policy, open_run
-from prefalign.config import option
+from prefalign.batches import SFTBatch
+from prefalign.config import Section, option, option_like
+from prefalign.data.collate import batch_columns
 from prefalign.data.instructions import (
     collate_instructions,
-    load_instructions,
     loss_mask,
     loss_token_count,
 )
 from prefalign.logprobs import CompletionLogps, LogpsModel
 from prefalign.losses import nll_loss
-from prefalign.packing import fallback_note, pack_sequences, packed_kwargs
+from prefalign.masked import masked_mean
+from prefalign.packing import PackedInputs, fallback_note, pack_sequences
 from prefalign.train.config import TrainConfig
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.metrics import MetricWindow
+from prefalign.train.run import Run
+from prefalign.train.sections import OptimOptions
 
 
-@dataclass
-class SFTConfig(TrainConfig):
-    # Redeclared for its default: SFT moves further from the start than DPO does (TRL's
-    # SFTConfig uses 2e-5; LoRA usually takes about ten times more).
-    learning_rate: float | None = option(
-        None, "peak learning rate; none = 2e-5 for full fine-tuning, 2e-4 with LoRA")
+@dataclass(frozen=True)
+class SFTOptions(Section):
+    """The sft section: which tokens carry the loss, and packing."""
+
+    SECTION = "sft"
+
     completion_only_loss: bool = option(
         True, "loss on completions (every assistant turn of `messages` rows) only; "
         "false = on every token, prompts included")
@@ -53,11 +56,19 @@ class SFTConfig(TrainConfig):
         False, "pack several examples into rows of up to max_length tokens (position ids "
         "restart, block-diagonal attention): less padding, the same loss")
 
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 2e-4 if self.lora_r > 0 else 2e-5
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig, SFTOptions):
+    """`prefalign sft`: the shared trainer sections and the sft section."""
+
+    COMMAND = "sft"
+    # SFT moves further from the start than DPO does (TRL's SFTConfig uses 2e-5; LoRA
+    # usually takes about ten times more).
+    DEFAULT_LR = (2e-5, 2e-4)
+
+    learning_rate: float | None = option_like(
+        OptimOptions, "learning_rate", None,
+        "peak learning rate; none = 2e-5 for full fine-tuning, 2e-4 with LoRA")
 
 
 class TopOneLogpsModel(LogpsModel):
@@ -79,32 +90,35 @@ class SFT:
 
     progress_keys = ("token_accuracy",)
 
-    def __init__(self, config: SFTConfig, pad_token_id: int) -> None:
+    def __init__(self, config: SFTConfig, pad_token_id: int, packing: bool | None = None) -> None:
         self.config = config
         self.pad_token_id = pad_token_id
+        # What the run decided (run_sft falls back to padded rows for a model that cannot
+        # take the block-diagonal mask); None = as configured.
+        self.packing = config.packing if packing is None else packing
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, features: list[dict[str, Any]]) -> SFTBatch:
         only = self.config.completion_only_loss
-        if not self.config.packing:
+        if not self.packing:
             return collate_instructions(features, self.pad_token_id, only)
         sequences = [list(f["prompt_input_ids"]) + list(f["completion_input_ids"])
                      for f in features]
         masks = [loss_mask(f, only) for f in features]
-        return pack_sequences(sequences, masks, self.pad_token_id, self.config.max_length)
+        rows = pack_sequences(sequences, masks, self.pad_token_id, self.config.max_length)
+        return SFTBatch(rows["input_ids"], rows["attention_mask"], rows["completion_mask"],
+                        packed=PackedInputs.from_keys(rows), **batch_columns(features))
 
     def units(self, features: list[dict[str, Any]]) -> float:
         return float(sum(loss_token_count(f, self.config.completion_only_loss)
                          for f in features))
 
-    def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                    **packed_kwargs(batch))
+    def compute_loss(self, model: nn.Module, batch: SFTBatch) -> tuple[Tensor, dict]:
+        out = model(*batch.inputs(), **batch.packed_kwargs())
         loss = nll_loss(out.token_logps, out.mask)
         metrics = {}
         top1 = getattr(out, "top1", None)
         if top1 is not None:
-            n = out.mask.sum().clamp(min=1)
-            metrics["token_accuracy"] = (top1 & out.mask).sum() / n
+            metrics["token_accuracy"] = masked_mean(top1.float(), out.mask)
         return loss, metrics
 
 
@@ -139,16 +153,6 @@ class SFTTrainer(Trainer):
         return metrics
 
 
-def load_examples(source: str, run: Run, key: str) -> list[dict[str, Any]]:
-    """Instruction features for training or evaluation, with a one-line data report."""
-    c = run.config
-    features, report = load_instructions(source, run.tokenizer, max_length=c.max_length,
-                                         max_prompt_length=c.max_prompt_length, strict=c.strict,
-                                         **data_options(run, key))
-    run.print(f"{key}: {report.describe()}")
-    return features
-
-
 def run_sft(config: SFTConfig, accelerator: Accelerator | None = None) -> TrainResult:
     """`prefalign sft`: train, then write OUTPUT/final (and metrics.jsonl, config.yaml).
 
@@ -156,17 +160,14 @@ def run_sft(config: SFTConfig, accelerator: Accelerator | None = None) -> TrainR
     is a valid `--model` for the next stage (dpo, kto, ppo). Dropout stays on, as in TRL's
     SFTTrainer (which has no switch for it); the later stages switch it off by default.
     """
-    run = open_run(config, accelerator)
-    train = load_examples(config.data, run, "data")
-    evals = load_examples(config.eval_data, run, "eval_data") if config.eval_data else []
-    load_policy(run)
+    run = Run.open(config, accelerator)
+    train, _ = run.load("sft", config.data)
+    evals, _ = run.load("sft", config.eval_data, "eval_data")
+    run.load_model()
+    # A model that cannot take the block-diagonal mask trains on padded rows, logged.
     note = fallback_note(run.model, "packing") if config.packing else None
     if note:
-        run.print(note)
-        config.packing = False
+        run.note(note)
+    algorithm = SFT(config, run.tokenizer.pad_token_id, packing=config.packing and not note)
     policy = TopOneLogpsModel(run.model, chunk_size=config.logps_chunk_size)
-    algorithm = SFT(config, run.tokenizer.pad_token_id)
-    trainer = SFTTrainer(config, policy, algorithm, train, evals, run.accelerator)
-    result = trainer.train()
-    finish_run(run)
-    return result
+    return run.fit(algorithm, train, evals, trainer_cls=SFTTrainer, model=policy)

@@ -10,22 +10,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from prefalign.data.check import CheckSummary, check_file
 from prefalign.data.collate import collate_preferences, collate_prompts
 from prefalign.data.formats import NormalizeReport, normalize_rows
-from prefalign.data.instructions import InstructionReport, collate_instructions, load_instructions
-from prefalign.data.schemas import read_rows, source_name
+from prefalign.data.instructions import collate_instructions, load_instructions
+from prefalign.data.load import DataKind, load
+from prefalign.data.report import DataReport
 from prefalign.data.sources import Row, load_rows
 from prefalign.data.tokenize import TruncationReport, tokenize_preferences
 
 __all__ = [
     "CheckSummary",
     "DataReport",
-    "InstructionReport",
     "NormalizeReport",
     "Row",
     "TruncationReport",
@@ -41,41 +39,22 @@ __all__ = [
 ]
 
 
-@dataclass
-class DataReport:
-    """What load_preferences did: rows read, normalisation counts, truncation counts."""
-
-    source: str
-    normalize: NormalizeReport
-    truncation: TruncationReport
-
-    @property
-    def rows(self) -> int:
-        return self.normalize.rows
-
-
-def load_preferences(
-    source: Any,
-    tokenizer: Any,
-    max_length: int | None = 1024,
-    max_prompt_length: int | None = 512,
-    strict: bool = False,
-    split: str | None = None,
-    columns: Any = None,
-    max_drop_fraction: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[list[dict], DataReport]:
-    """Load, normalise and tokenize `source` -> (features, DataReport).
-
-    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
-    Raises DataError when no row is left after dropping, since there is nothing to train on,
-    or when more than max_drop_fraction of the rows were dropped (None: no limit).
-    """
-    name = source_name(source)
-    rows, _, _ = read_rows(source, "preference", columns, split, log)
+def _normalize(rows: list, strict: bool) -> tuple[list[dict], NormalizeReport, dict]:
     examples, norm = normalize_rows(rows, strict=strict)
-    norm.require_kept(name)
-    norm.require_not_mass_dropped(name, max_drop_fraction)
-    norm.require_weighted(name, examples)
+    return examples, norm, {}
+
+
+def _tokenize(examples: list[dict], tokenizer: Any, max_length: int | None,
+              max_prompt_length: int | None) -> tuple[list[dict], dict]:
     features, trunc = tokenize_preferences(examples, tokenizer, max_length, max_prompt_length)
-    return features, DataReport(source=name, normalize=norm, truncation=trunc)
+    return features, {"truncated": {"prompts": trunc.prompt, "chosen": trunc.chosen,
+                                    "rejected": trunc.rejected}}
+
+
+PREFERENCE_DATA = DataKind("preference", _normalize, _tokenize, weighted=True)
+
+
+def load_preferences(source: Any, tokenizer: Any, **options: Any
+                     ) -> tuple[list[dict], DataReport]:
+    """Preference rows -> (features, DataReport); options and errors: data.load.load."""
+    return load(PREFERENCE_DATA, source, tokenizer, **options)

@@ -23,11 +23,12 @@ object carries the template and the choice of how text rows meet it.
 
 from __future__ import annotations
 
-import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefalign.config import Section, option
 from prefalign.errors import ConfigError, DataError
 
 TEXT_AS_CHAT = "prefalign_text_as_chat"
@@ -170,16 +171,21 @@ def example_as_chat(example: dict, tokenizer: Any) -> dict:
             "rejected": completion_message(example["rejected"], eos, origin, "rejected")}
 
 
-def add_chat_arguments(parser: argparse.ArgumentParser, whose: str = "the model's tokenizer",
-                       text_rows: bool = True, note: str = "", text_note: str | None = None
-                       ) -> None:
-    """--chat-template (and --text-as-chat) for a tool that tokenizes rows; `note` ends the
-    help of both, `text_note` (default: note) that of --text-as-chat."""
-    parser.add_argument("--chat-template", metavar="FILE",
-                        help=f"jinja chat template file that replaces the one of {whose} "
-                        f"(default: the tokenizer's own){note}")
-    if text_rows:
-        parser.add_argument("--text-as-chat", action="store_true",
-                            help="render text rows (prompt/completion strings, HH "
-                            "transcripts) as user/assistant turns with the chat template "
-                            f"(default: plain text, as TRL){note if text_note is None else text_note}")
+@dataclass(frozen=True)
+class ChatTemplateOption(Section):
+    """`--chat-template`, for a command that renders chat prompts with a tokenizer."""
+
+    SECTION = "chat"
+
+    chat_template: str | None = option(
+        None, "jinja chat template file that replaces the one of the tokenizer (none = the "
+        "tokenizer's own)", metavar="FILE")
+
+
+@dataclass(frozen=True)
+class ChatOptions(ChatTemplateOption):
+    """`--chat-template` and `--text-as-chat`, for a command that tokenizes text rows."""
+
+    text_as_chat: bool = option(
+        False, "render text rows (prompt/completion strings, HH transcripts) as "
+        "user/assistant turns with the chat template; off = plain text, as TRL")

@@ -1,4 +1,4 @@
-"""Pad tokenized preference features into one batch: chosen rows first, then rejected.
+"""Pad tokenized preference features into one PreferenceBatch: chosen rows, then rejected.
 
 Both halves go through the model in one forward pass, so prompt+chosen and prompt+rejected
 are stacked into a single (2B, T) tensor padded to the longest of all 2B sequences.
@@ -10,14 +10,16 @@ from typing import Any
 
 import torch
 
+from prefalign.batches import PreferenceBatch
+
 
 def collate_preferences(
     features: list[dict],
     pad_token_id: int,
     padding_side: str = "right",
     pad_to_multiple_of: int | None = None,
-) -> dict[str, Any]:
-    """B features (data.tokenize) -> batch dict.
+) -> PreferenceBatch:
+    """B features (data.tokenize) -> PreferenceBatch.
 
     input_ids       (2B, T) long: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected
     attention_mask  (2B, T) long: 1 on real tokens, 0 on padding
@@ -25,6 +27,7 @@ def collate_preferences(
     margin          (B,) float, 0.0 where a row has none   } only when some
     weight          (B,) float, 1.0 where a row has none   } feature has the
     source, id      list of B values, None where absent    } column
+    index           (B,) long, the features' "index" (their row positions), when all have one
 
     T is the longest sequence, rounded up to pad_to_multiple_of. With padding_side="left"
     every row holds the same tokens and masks, shifted to end at column T-1.
@@ -41,13 +44,8 @@ def collate_preferences(
     for row, n_prompt in enumerate(prompt_lengths):
         start = 0 if padding_side == "right" else int((attention_mask[row] == 0).sum())
         completion_mask[row, start : start + n_prompt] = False
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-    }
-    batch.update(batch_columns(features))
-    return batch
+    return PreferenceBatch(input_ids, attention_mask, completion_mask,
+                           **batch_columns(features, ("margin", "weight")))
 
 
 def collate_prompts(prompt_ids_list: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -83,11 +81,16 @@ def pad_sequences(
     return input_ids, attention_mask
 
 
-def batch_columns(features: list[dict]) -> dict[str, Any]:
+def batch_columns(features: list[dict], numbers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The optional columns of a typed batch: `index` (B,) long when every feature has one;
+    of `numbers` ("margin", "weight"), a (B,) float for each some feature has; `source` and
+    `id` lists when some feature has them."""
     out: dict[str, Any] = {}
+    if all(f.get("index") is not None for f in features):
+        out["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
     # Absent values get the neutral element of each use: no margin, unit weight.
     for key, default in (("margin", 0.0), ("weight", 1.0)):
-        if any(f.get(key) is not None for f in features):
+        if key in numbers and any(f.get(key) is not None for f in features):
             values = [default if f.get(key) is None else float(f[key]) for f in features]
             out[key] = torch.tensor(values, dtype=torch.float32)
     for key in ("source", "id"):

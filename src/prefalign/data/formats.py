@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +118,18 @@ def normalize_rows(rows: list[Row], strict: bool = False) -> tuple[list[dict], N
 
     strict=True turns every drop into a DataError naming the row and the reason.
     """
+    return normalize_each(rows, normalize_row, strict)
+
+
+def normalize_each(rows: list[Row], normalize_one: Callable[[Any, str], dict],
+                   strict: bool = False) -> tuple[list[dict], NormalizeReport]:
+    """normalize_one(data, origin) -> example, or DroppedRow, on every row; a dropped row is
+    counted in the report (strict: a DataError naming the row and the reason)."""
     report = NormalizeReport(rows=len(rows))
     examples = []
     for data, origin in rows:
         try:
-            example = normalize_row(data, origin)
+            example = normalize_one(data, origin)
         except DroppedRow as drop:
             if strict:
                 detail = f" ({drop.detail})" if drop.detail else ""

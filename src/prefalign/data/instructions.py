@@ -33,25 +33,26 @@ max_length - len(prompt) tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from prefalign.batches import SFTBatch
 from prefalign.data.chat import require_chat_template
 from prefalign.data.collate import batch_columns, pad_sequences
 from prefalign.data.formats import (
     DROP_EMPTY,
+    DroppedRow,
     NormalizeReport,
     check_messages,
-    check_text_or_messages,
     is_empty,
     kept_columns,
+    normalize_each,
     row_keys,
     type_name,
 )
-from prefalign.data.schemas import read_rows, source_name
+from prefalign.data.load import DataKind, load
+from prefalign.data.report import DataReport
 from prefalign.data.sources import Row
 from prefalign.data.tokenize import (
     CompletionTruncation,
@@ -60,38 +61,12 @@ from prefalign.data.tokenize import (
     common_prefix,
     render_ids,
 )
-from prefalign.data.unpaired import split_conversation
+from prefalign.data.unpaired import prompt_and_completion
 from prefalign.errors import DataError
 
 Ids = list[int]
 FORMATS = ("prompt-completion", "conversational", "messages", "text")
 _KEPT = ("source", "id")
-
-
-@dataclass
-class InstructionReport:
-    """What loading did: row counts (data.formats' NormalizeReport: rows, kept per format,
-    dropped per reason), truncation counts and the number of completion tokens."""
-
-    source: str
-    normalize: NormalizeReport
-    truncated_prompts: int = 0
-    truncated_completions: int = 0
-    completion_tokens: int = 0  # tokens that get loss with completion_only_loss
-
-    def describe(self) -> str:
-        """'sft.jsonl: 12 rows, 11 kept (messages 6, text 5), 1 dropped (empty ...), ...'"""
-        norm = self.normalize
-        formats = ", ".join(f"{k} {v}" for k, v in norm.formats.most_common())
-        text = f"{self.source}: {norm.rows} rows, {norm.kept} kept ({formats})"
-        if norm.n_dropped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in norm.dropped.most_common())
-            text += f", {norm.n_dropped} dropped ({reasons})"
-        text += f", {self.completion_tokens} completion tokens"
-        if self.truncated_prompts or self.truncated_completions:
-            text += (f", truncated: {self.truncated_prompts} prompts, "
-                     f"{self.truncated_completions} completions")
-        return text
 
 
 # -- rows -> examples -----------------------------------------------------------------
@@ -135,16 +110,9 @@ def _conversation(messages: Any, origin: str) -> list[dict]:
 
 
 def _prompt_completion(data: dict, origin: str) -> dict:
-    completion, prompt = data["completion"], data.get("prompt")
-    check_text_or_messages(completion, "completion", origin)
-    if prompt is not None:
-        check_text_or_messages(prompt, "prompt", origin)
-    if isinstance(completion, str) and not isinstance(prompt, list):
-        if prompt is None:
-            raise DataError(f"{origin}: missing field 'prompt' (the row has {row_keys(data)})")
-        return {"prompt": prompt, "completion": completion, "format": "prompt-completion"}
-    prompt, completion = split_conversation(prompt, completion, origin)
-    return {"prompt": prompt, "completion": completion, "format": "conversational"}
+    prompt, completion, conversational = prompt_and_completion(data, origin)
+    return {"prompt": prompt, "completion": completion,
+            "format": "conversational" if conversational else "prompt-completion"}
 
 
 def _nothing_to_learn(example: dict) -> bool:
@@ -156,18 +124,13 @@ def _nothing_to_learn(example: dict) -> bool:
 def normalize_instructions(rows: list[Row], strict: bool = False
                            ) -> tuple[list[dict], NormalizeReport]:
     """Rows -> examples; len(examples) + report.n_dropped == len(rows)."""
-    report = NormalizeReport(rows=len(rows))
-    examples = []
-    for data, origin in rows:
+    def normalize_one(data: Any, origin: str) -> dict:
         example = normalize_instruction_row(data, origin)
         if _nothing_to_learn(example):
-            if strict:
-                raise DataError(f"{origin}: {DROP_EMPTY}; strict mode drops nothing")
-            report.record_drop(DROP_EMPTY, origin)
-            continue
-        report.formats[example["format"]] += 1
-        examples.append(example)
-    return examples, report
+            raise DroppedRow(DROP_EMPTY)
+        return example
+
+    return normalize_each(rows, normalize_one, strict)
 
 
 # -- examples -> features -------------------------------------------------------------
@@ -262,35 +225,26 @@ def tokenize_instructions(
     return features, cut.counts
 
 
-def load_instructions(
-    source: Any,
-    tokenizer: Any,
-    max_length: int | None = 1024,
-    max_prompt_length: int | None = 512,
-    strict: bool = False,
-    split: str | None = None,
-    columns: Any = None,
-    max_drop_fraction: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[list[dict], InstructionReport]:
-    """Load, normalise and tokenize `source` -> (features, report).
-
-    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
-    Raises DataError when more than max_drop_fraction of the rows were dropped (None: no
-    limit), or when no row is left, since there is nothing to train on.
-    """
-    name = source_name(source)
-    rows, _, _ = read_rows(source, "sft", columns, split, log)
+def _normalize(rows: list, strict: bool) -> tuple[list[dict], NormalizeReport, dict]:
     examples, norm = normalize_instructions(rows, strict=strict)
-    norm.require_kept(name)
-    norm.require_not_mass_dropped(name, max_drop_fraction)
+    return examples, norm, {}
+
+
+def _tokenize(examples: list[dict], tokenizer: Any, max_length: int | None,
+              max_prompt_length: int | None) -> tuple[list[dict], dict]:
     features, (cut_prompts, cut_completions) = tokenize_instructions(
         examples, tokenizer, max_length, max_prompt_length)
-    report = InstructionReport(
-        source=name, normalize=norm, truncated_prompts=cut_prompts,
-        truncated_completions=cut_completions,
-        completion_tokens=sum(loss_token_count(f, True) for f in features))
-    return features, report
+    return features, {"truncated": {"prompts": cut_prompts, "completions": cut_completions},
+                      "completion_tokens": sum(loss_token_count(f, True) for f in features)}
+
+
+SFT_DATA = DataKind("sft", _normalize, _tokenize, weighted=False)
+
+
+def load_instructions(source: Any, tokenizer: Any, **options: Any
+                      ) -> tuple[list[dict], DataReport]:
+    """Instruction rows -> (features, DataReport); options and errors: data.load.load."""
+    return load(SFT_DATA, source, tokenizer, **options)
 
 
 # -- features -> batch ----------------------------------------------------------------
@@ -311,11 +265,11 @@ def loss_token_count(feature: dict, completion_only_loss: bool = True) -> int:
 
 
 def collate_instructions(features: list[dict], pad_token_id: int,
-                         completion_only_loss: bool = True) -> dict[str, Any]:
-    """B features -> batch dict, right padded (as TRL's DataCollatorForLanguageModeling).
+                         completion_only_loss: bool = True) -> SFTBatch:
+    """B features -> SFTBatch, right padded (as TRL's DataCollatorForLanguageModeling).
 
     input_ids, attention_mask (B, T) long; completion_mask (B, T) bool: True on the tokens
-    that get loss (loss_mask), never on padding; source and id lists when present.
+    that get loss (loss_mask), never on padding; index, source and id when present.
     """
     if not features:
         raise ValueError("collate_instructions needs at least one feature")
@@ -325,7 +279,4 @@ def collate_instructions(features: list[dict], pad_token_id: int,
     for row, feature in enumerate(features):
         mask = loss_mask(feature, completion_only_loss)
         completion_mask[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                             "completion_mask": completion_mask}
-    batch.update(batch_columns(features))
-    return batch
+    return SFTBatch(input_ids, attention_mask, completion_mask, **batch_columns(features))

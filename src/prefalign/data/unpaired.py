@@ -24,26 +24,28 @@ i - 1 (row 0 with the last row's), so the mismatched completions are the batch's
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from prefalign.batches import UnpairedBatch
 from prefalign.data.collate import batch_columns, pad_sequences
 from prefalign.data.formats import (
     DROP_EMPTY,
+    DroppedRow,
     NormalizeReport,
     check_messages,
     check_text_or_messages,
     is_empty,
     kept_columns,
     last_assistant_turn,
+    normalize_each,
     normalize_rows,
     row_keys,
     type_name,
 )
-from prefalign.data.schemas import read_rows, source_name
+from prefalign.data.load import DataKind, load
+from prefalign.data.report import DataReport
 from prefalign.data.sources import Row
 from prefalign.data.tokenize import CompletionTruncation, check_limits, render_ids
 from prefalign.errors import DataError
@@ -52,39 +54,6 @@ Ids = list[int]
 UNPAIRED_KEYS = ("completion", "label")
 PAIRED_KEYS = ("chosen", "rejected")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
-
-
-@dataclass
-class UnpairedReport:
-    """What loading did: the file's kind, row counts (data.formats' NormalizeReport: rows,
-    kept per format, dropped per reason), examples per label and truncation counts."""
-
-    source: str
-    kind: str  # "unpaired" | "paired"
-    normalize: NormalizeReport
-    desirable: int = 0
-    undesirable: int = 0
-    truncated_prompts: int = 0
-    truncated_completions: int = 0
-
-    @property
-    def examples(self) -> int:
-        return self.desirable + self.undesirable
-
-    def describe(self) -> str:
-        """'p.jsonl: 12 paired rows, 12 kept (explicit 12) -> 24 examples (12 desirable, ...'"""
-        norm = self.normalize
-        formats = ", ".join(f"{k} {v}" for k, v in norm.formats.most_common())
-        text = f"{self.source}: {norm.rows} {self.kind} rows, {norm.kept} kept ({formats})"
-        if norm.n_dropped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in norm.dropped.most_common())
-            text += f", {norm.n_dropped} dropped ({reasons})"
-        text += (f" -> {self.examples} examples ({self.desirable} desirable, "
-                 f"{self.undesirable} undesirable)")
-        if self.truncated_prompts or self.truncated_completions:
-            text += (f", truncated: {self.truncated_prompts} prompts, "
-                     f"{self.truncated_completions} completions")
-        return text
 
 
 # -- rows -> examples -----------------------------------------------------------------
@@ -123,17 +92,14 @@ def normalize_unpaired(rows: list[Row], strict: bool = False
         pairs, report = normalize_rows(rows, strict=strict)
         return [ex for pair in pairs for ex in unpair(pair)], report, kind
     _refuse_mixed(rows, "chosen", "paired (chosen/rejected)")
-    report = NormalizeReport(rows=len(rows))
-    examples = []
-    for data, origin in rows:
+
+    def normalize_one(data: Any, origin: str) -> dict:
         example = normalize_unpaired_row(data, origin)
         if is_empty(example["completion"]):
-            if strict:
-                raise DataError(f"{origin}: {DROP_EMPTY}; strict mode drops nothing")
-            report.record_drop(DROP_EMPTY, origin)
-            continue
-        report.formats[example["format"]] += 1
-        examples.append(example)
+            raise DroppedRow(DROP_EMPTY)
+        return example
+
+    examples, report = normalize_each(rows, normalize_one, strict)
     return examples, report, kind
 
 
@@ -168,6 +134,19 @@ def normalize_unpaired_row(data: Any, origin: str) -> dict:
         if data.get(key) is None:
             raise DataError(f"{origin}: missing field {key!r} (the row has {row_keys(data)})")
     label = coerce_label(data["label"], origin)
+    prompt, completion, conversational = prompt_and_completion(data, origin)
+    example = {"prompt": prompt, "completion": completion, "label": label,
+               "format": "conversational" if conversational else "text", "origin": origin}
+    kept = kept_columns(data, origin)
+    kept.pop("margin", None)  # a pair's margin has no meaning for a single completion
+    example.update(kept)
+    return example
+
+
+def prompt_and_completion(data: dict, origin: str) -> tuple[Any, Any, bool]:
+    """(prompt, completion, conversational) of a row with `completion` and maybe `prompt`:
+    two strings, or prompt and completion messages (split_conversation) when either is a
+    conversation. SFT and unpaired rows share this rule."""
     completion, prompt = data["completion"], data.get("prompt")
     check_text_or_messages(completion, "completion", origin)
     if prompt is not None:
@@ -175,16 +154,8 @@ def normalize_unpaired_row(data: Any, origin: str) -> dict:
     if isinstance(completion, str) and not isinstance(prompt, list):
         if prompt is None:
             raise DataError(f"{origin}: missing field 'prompt' (the row has {row_keys(data)})")
-        fmt = "text"
-    else:
-        fmt = "conversational"
-        prompt, completion = split_conversation(prompt, completion, origin)
-    example = {"prompt": prompt, "completion": completion, "label": label,
-               "format": fmt, "origin": origin}
-    kept = kept_columns(data, origin)
-    kept.pop("margin", None)  # a pair's margin has no meaning for a single completion
-    example.update(kept)
-    return example
+        return prompt, completion, False
+    return *split_conversation(prompt, completion, origin), True
 
 
 def split_conversation(prompt: Any, completion: Any, origin: str) -> tuple[list, list]:
@@ -242,36 +213,27 @@ def tokenize_unpaired(
     return features, cut.counts
 
 
-def load_unpaired(
-    source: Any,
-    tokenizer: Any,
-    max_length: int | None = 1024,
-    max_prompt_length: int | None = 512,
-    strict: bool = False,
-    split: str | None = None,
-    columns: Any = None,
-    max_drop_fraction: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[list[dict], UnpairedReport]:
-    """Load, unpair if needed, normalise and tokenize `source` -> (features, report).
-
-    columns, split, and the hub schemas recognised (reported through `log`): data.schemas.
-    Raises DataError when more than max_drop_fraction of the rows were dropped (None: no
-    limit), or when no example is left, since there is nothing to train on.
-    """
-    name = source_name(source)
-    rows, _, _ = read_rows(source, "unpaired", columns, split, log)
+def _normalize(rows: list, strict: bool) -> tuple[list[dict], NormalizeReport, dict]:
     examples, norm, kind = normalize_unpaired(rows, strict=strict)
-    norm.require_kept(name)
-    norm.require_not_mass_dropped(name, max_drop_fraction)
-    norm.require_weighted(name, examples)
+    return examples, norm, {"kind": kind}
+
+
+def _tokenize(examples: list[dict], tokenizer: Any, max_length: int | None,
+              max_prompt_length: int | None) -> tuple[list[dict], dict]:
     features, (cut_prompts, cut_completions) = tokenize_unpaired(
         examples, tokenizer, max_length, max_prompt_length)
     desirable = sum(f["label"] for f in features)
-    report = UnpairedReport(source=name, kind=kind, normalize=norm, desirable=desirable,
-                            undesirable=len(features) - desirable,
-                            truncated_prompts=cut_prompts, truncated_completions=cut_completions)
-    return features, report
+    return features, {"desirable": desirable, "undesirable": len(features) - desirable,
+                      "truncated": {"prompts": cut_prompts, "completions": cut_completions}}
+
+
+UNPAIRED_DATA = DataKind("unpaired", _normalize, _tokenize, weighted=True)
+
+
+def load_unpaired(source: Any, tokenizer: Any, **options: Any) -> tuple[list[dict], DataReport]:
+    """Unpaired rows (paired ones are split in two) -> (features, DataReport); options and
+    errors: data.load.load."""
+    return load(UNPAIRED_DATA, source, tokenizer, **options)
 
 
 # -- features -> batch ----------------------------------------------------------------
@@ -304,31 +266,24 @@ def _sequences(pairs: list[tuple[Ids, Ids]], pad_token_id: int) -> tuple[torch.T
 
 
 def collate_unpaired(features: list[dict], pad_token_id: int, max_length: int | None = None,
-                     kl: bool = True) -> dict[str, Any]:
-    """B features -> batch dict (right padding, like TRL's DataCollatorForUnpairedPreference).
+                     kl: bool = True) -> UnpairedBatch:
+    """B features -> UnpairedBatch (right padding, like TRL's DataCollatorForUnpairedPreference).
 
     input_ids, attention_mask (B, T) long; completion_mask (B, T) bool; label (B,) bool;
     kl_input_ids, kl_attention_mask (B, T') long, kl_completion_mask (B, T') bool: the
-    mismatched pairs of `mismatched_pairs` (when kl); weight (B,) float, source and id
-    lists when some feature has them (data.collate's rules).
+    mismatched pairs of `mismatched_pairs` (when kl); index (B,) long, weight (B,) float,
+    source and id lists when some feature has them (data.collate's rules).
     """
     if not features:
         raise ValueError("collate_unpaired needs at least one feature")
     matched = [(list(f["prompt_input_ids"]), list(f["completion_input_ids"])) for f in features]
     input_ids, attention_mask, completion_mask = _sequences(matched, pad_token_id)
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "label": torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool),
-    }
+    labels = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)
+    kl_rows = (None, None, None)
     if kl:
-        kl_ids, kl_attention, kl_completion = _sequences(
-            mismatched_pairs(features, max_length), pad_token_id)
-        batch.update(kl_input_ids=kl_ids, kl_attention_mask=kl_attention,
-                     kl_completion_mask=kl_completion)
-    batch.update(batch_columns(features))
-    return batch
+        kl_rows = _sequences(mismatched_pairs(features, max_length), pad_token_id)
+    return UnpairedBatch(input_ids, attention_mask, completion_mask, labels, *kl_rows,
+                         **batch_columns(features, ("weight",)))
 
 
 def weight_balance_note(desirable: int, undesirable: int, desirable_weight: float,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefalign.demo.findings import findings, frontiers
 from prefalign.demo.task import (
     ground_truth_scorer,
     noisy_scorer,
@@ -108,14 +109,15 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def _common(s: DemoSettings) -> dict[str, Any]:
+def _common(s: DemoSettings, lengths: bool = True) -> dict[str, Any]:
     """Trainer options every stage shares: tiny sequences, no warmup, quiet logs.
 
     max_length leaves room for a whole response: a pair cut before its EOS would teach
-    the policy to stop early. A stage that runs again (other settings, --force, or cut
-    short) starts over in its own folder, so its trainer overwrites the earlier run there."""
-    return dict(max_length=PROMPT_TOKENS + s.max_new_tokens, max_prompt_length=PROMPT_TOKENS,
-                warmup_ratio=0.0, logging_steps=5,
+    the policy to stop early (lengths=False: PPO, which samples from whole prompts, has no
+    length options). A stage that runs again (other settings, --force, or cut short)
+    starts over in its own folder, so its trainer overwrites the earlier run there."""
+    sizes = dict(max_length=PROMPT_TOKENS + s.max_new_tokens, max_prompt_length=PROMPT_TOKENS)
+    return dict(**(sizes if lengths else {}), warmup_ratio=0.0, logging_steps=5,
                 seed=s.seed, lr_scheduler="constant", overwrite=True)
 
 
@@ -144,14 +146,15 @@ def train_sft(folder: Path, s: DemoSettings, base: dict) -> dict[str, Any]:
 
 def make_pairs(folder: Path, s: DemoSettings, sft: dict) -> dict[str, Any]:
     """Best-of-N from the SFT model: noisy labels for training, clean ones held out."""
+    from prefalign.generation import SamplingOptions
     from prefalign.preferences.best_of_n import generate_preferences
 
     train = _jsonl(folder / "train-prompts.jsonl",
                    [{"prompt": p} for p in review_prompts(s.train_prompts, seed=s.seed + 1)])
     held = _jsonl(folder / "heldout-prompts.jsonl",
                   [{"prompt": p} for p in review_prompts(s.heldout_prompts, seed=s.seed + 2)])
-    options = dict(num_candidates=s.candidates, max_new_tokens=s.max_new_tokens,
-                   temperature=1.0, batch_size=64, progress=False)
+    options = dict(num_candidates=s.candidates, batch_size=64, progress=False,
+                   sampling=SamplingOptions(max_new_tokens=s.max_new_tokens, temperature=1.0))
     report = generate_preferences(sft["model"], train, folder / "prefs.jsonl",
                                   noisy_scorer(s.label_noise, s.seed), seed=s.seed,
                                   source="annotators", **options)
@@ -164,8 +167,9 @@ def make_pairs(folder: Path, s: DemoSettings, sft: dict) -> dict[str, Any]:
 
 
 def train_reward(folder: Path, s: DemoSettings, sft: dict, pairs: dict) -> dict[str, Any]:
-    from prefalign.algorithms.reward import RewardConfig, RewardScorer, run_reward
+    from prefalign.algorithms.reward import RewardConfig, run_reward
     from prefalign.data import load_rows
+    from prefalign.scoring.reward_model import RewardScorer
 
     run_reward(RewardConfig(model=sft["model"], data=pairs["prefs"], output_dir=str(folder),
                             lora_r=0, learning_rate=1e-3, batch_size=32, grad_accum=1,
@@ -207,116 +211,16 @@ def train_ppo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: dic
                                data=pairs["train_prompts"], output_dir=str(folder), lora_r=0,
                                learning_rate=3e-4, batch_size=32, grad_accum=1,
                                max_steps=s.ppo_steps, max_new_tokens=s.max_new_tokens,
-                               temperature=1.0, kl_coef=kl_coef, ppo_epochs=2, **_common(s)))
+                               temperature=1.0, kl_coef=kl_coef, ppo_epochs=2,
+                               **_common(s, lengths=False)))
     last = result.history[-1]
     return {"model": str(folder / "final"), "kl_coef": kl_coef,
             "rm_score": last["objective/scores"], "kl": last["objective/kl"]}
 
 
-def curve_at(points: list[tuple[float, float]], kl: float) -> float | None:
-    """The curve through `points` (kl, reward), joined in KL order, at `kl`: linear
-    between neighbours; None outside the curve's KL range (no extrapolation)."""
-    pts = sorted(points)
-    if not pts or not pts[0][0] <= kl <= pts[-1][0]:
-        return None
-    for (k1, r1), (k2, r2) in zip(pts, pts[1:]):
-        if k1 <= kl <= k2:
-            return r1 if k2 == k1 else r1 + (r2 - r1) * (kl - k1) / (k2 - k1)
-    return pts[0][1]  # a single point, at exactly its KL
-
-
-def score_standard_errors(samples: Path) -> dict[str, float]:
-    """Per model: the standard error of its mean score, over the held-out prompts (a
-    prompt's samples are averaged first: they share the prompt, so they are not independent)."""
-    import statistics
-
-    by_prompt: dict[str, dict[int, list[float]]] = {}
-    for line in samples.read_text("utf-8").splitlines():
-        row = json.loads(line)
-        by_prompt.setdefault(row["model"], {}).setdefault(row["prompt_index"], []).append(
-            row["score"])
-    out = {}
-    for model, groups in by_prompt.items():
-        means = [statistics.fmean(v) for v in groups.values()]
-        out[model] = statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1 else 0.0
-    return out
-
-
-def compare_frontiers(names: tuple[str, str], curves: tuple[list, list], tie: float = 0.0) -> str:
-    """Point by point: each sweep point against the other method's curve at the same KL.
-
-    curves: two lists of (kl, reward, label). A point outside the other curve's KL range
-    is reported as not comparable rather than compared with an extrapolation; a difference
-    of at most `tie` (the evaluation's noise) is a tie, not a win."""
-    parts, wins, compared = [], {n: 0 for n in names}, 0
-    for i, (name, points) in enumerate(zip(names, curves)):
-        other_name, other = names[1 - i], [(k, r) for k, r, _ in curves[1 - i]]
-        for kl, reward, label in points:
-            at = curve_at(other, kl)
-            if at is None:
-                parts.append(f"{name} {label} (KL {kl:.2f}) outside {other_name}'s KL range")
-                continue
-            compared += 1
-            if abs(reward - at) <= tie:
-                outcome = "a tie"
-            else:
-                higher = name if reward > at else other_name
-                wins[higher] += 1
-                outcome = f"{higher} higher"
-            parts.append(f"{name} {label} (KL {kl:.2f}): {name} {reward:.3f} vs "
-                         f"{other_name} {at:.3f}, {outcome}")
-    ties = compared - wins[names[0]] - wins[names[1]]
-    if not compared:
-        verdict = "the two sweeps' KL ranges do not overlap: the frontiers cannot be compared"
-    elif ties == compared:
-        verdict = f"the frontiers are tied at all {compared} comparable points"
-    elif wins[names[0]] + ties == compared or wins[names[1]] + ties == compared:
-        top = max(names, key=lambda n: wins[n])
-        verdict = (f"{top}'s frontier is higher at {wins[top]} of {compared} comparable "
-                   f"points" + (f" and tied at {ties}" if ties else ""))
-    else:
-        verdict = (f"the frontiers cross: {names[0]} higher at {wins[names[0]]}, "
-                   f"{names[1]} at {wins[names[1]]}" + (f", tied at {ties}" if ties else "")
-                   + f" of {compared} comparable points")
-    note = f"; differences up to {tie:.3f} count as ties" if tie else ""
-    return f"Reward-vs-KL frontiers, point by point{note}: {verdict} ({'; '.join(parts)})."
-
-
-def _findings(s: DemoSettings, table: dict, reward: dict, front: dict, seconds: float,
-              tie: float) -> list:
-    gt = {name: table[name]["score/mean"] for name in ("sft", "dpo", "ppo")}
-    kl = {name: table[name]["kl"] for name in ("dpo", "ppo")}
-    done = {name: table[name]["finished_rate"] for name in ("dpo", "ppo")}
-    acc = reward["heldout_accuracy"]
-    lines = [
-        f"Reward model accuracy on {reward['heldout_pairs']} held-out pairs labelled by the "
-        f"noiseless scorer: {acc:.3f} (target >= 0.85: {'met' if acc >= 0.85 else 'NOT met'}).",
-    ]
-    for name in ("dpo", "ppo"):
-        gain = gt[name] - gt["sft"]
-        lines.append(
-            f"{name.upper()} mean ground-truth score on held-out prompts {gt[name]:.3f} vs SFT "
-            f"{gt['sft']:.3f}: {gain:+.3f} (target >= +0.25: "
-            f"{'met' if gain >= 0.25 else 'NOT met'}), KL to SFT {kl[name]:.2f} nats, "
-            f"{done[name]:.1%} of responses finished before the token limit.")
-    lines.append(compare_frontiers(
-        ("DPO", "PPO"), (front["DPO (beta sweep)"], front["PPO (KL-coefficient sweep)"]), tie)
-        + " The DPO paper found DPO's frontier above PPO's.")
-    lines.append(f"The pipeline's stages took {seconds:.0f} s in all on this machine "
-                 "(reused stages count with the time they took when they ran).")
-    return lines
-
-
-def run_demo(output_dir: str = "demo-output", quick: bool = False, force: bool = False,
-             seed: int = 0) -> Path:
-    """Run (or reuse) every stage and write the report; returns the report.html path."""
-    from prefalign.evaluation import evaluate
-    from prefalign.evaluation.report import normalize_frontier, write_report
-    from prefalign.generation import SamplingConfig
-
-    s = DemoSettings.quick(seed) if quick else DemoSettings(seed=seed)
-    root = Path(output_dir)
-    stages = Stages(root, s, force)
+def _run_stages(stages: Stages, s: DemoSettings) -> dict[str, Any]:
+    """Every training stage, in order: {base, sft, pairs, reward, dpo: {beta: result},
+    ppo: {KL coefficient: result}}; each sweep includes the main run's setting."""
     base = stages.run("base", "tokenizer and tiny Llama-style model", lambda f: build_base(f, s))
     sft = stages.run("sft", "SFT on synthetic reviews", lambda f: train_sft(f, s, base))
     pairs = stages.run("pairs", "best-of-N pairs, noisy annotator labels",
@@ -328,44 +232,63 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, force: bool =
     ppo = {k: stages.run(f"ppo-kl{k:g}", f"PPO against the reward model, KL coefficient {k:g}",
                          lambda f, k=k: train_ppo(f, s, sft, pairs, reward, k))
            for k in sorted(set(s.ppo_kl_coefs) | {PPO_MAIN_KL})}
-    models = {"base": base["model"], "sft": sft["model"], "dpo": dpo[DPO_MAIN_BETA]["model"],
-              "ppo": ppo[PPO_MAIN_KL]["model"]}
+    return dict(base=base, sft=sft, pairs=pairs, reward=reward, dpo=dpo, ppo=ppo)
+
+
+def _compared_models(runs: dict[str, Any]) -> dict[str, str]:
+    """{name: model directory}: the main runs first, then the other sweep points."""
+    dpo, ppo = runs["dpo"], runs["ppo"]
+    models = {"base": runs["base"]["model"], "sft": runs["sft"]["model"],
+              "dpo": dpo[DPO_MAIN_BETA]["model"], "ppo": ppo[PPO_MAIN_KL]["model"]}
     models.update({f"dpo-beta{b:g}": r["model"] for b, r in dpo.items() if b != DPO_MAIN_BETA})
     models.update({f"ppo-kl{k:g}": r["model"] for k, r in ppo.items() if k != PPO_MAIN_KL})
-    stages.count += 1
-    print(f"[{stages.count}] evaluating {len(models)} models on held-out prompts ...", flush=True)
+    return models
+
+
+def _evaluate_models(root: Path, s: DemoSettings, models: dict[str, str],
+                     runs: dict[str, Any]) -> Any:
+    """Evaluate `models` on the held-out prompts against SFT; writes report/."""
+    from prefalign.evaluation import evaluate
+    from prefalign.generation import SamplingConfig
+
     sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.eval_temperature,
                               n=2, seed=s.seed + 11, batch_size=64)
-    report_dir = root / "report"
+    return evaluate(models, runs["pairs"]["heldout_prompts"], root / "report",
+                    reward_model=runs["reward"]["model"], scorer=ground_truth_scorer,
+                    reference="sft", baseline="sft", sampling=sampling, progress=False,
+                    runs={"sft": root / "sft", "reward": root / "reward",
+                          "dpo": root / f"dpo-beta{DPO_MAIN_BETA:g}",
+                          "ppo": root / f"ppo-kl{PPO_MAIN_KL:g}"})
+
+
+def run_demo(output_dir: str = "demo-output", quick: bool = False, force: bool = False,
+             seed: int = 0) -> Path:
+    """Run (or reuse) every stage and write the report; returns the report.html path."""
+    from prefalign.evaluation.report import normalize_frontier, write_report
+
+    s = DemoSettings.quick(seed) if quick else DemoSettings(seed=seed)
+    root = Path(output_dir)
+    stages = Stages(root, s, force)
+    runs = _run_stages(stages, s)
+    models = _compared_models(runs)
+    stages.count += 1
+    print(f"[{stages.count}] evaluating {len(models)} models on held-out prompts ...", flush=True)
     eval_started = time.perf_counter()
-    result = evaluate(models, pairs["heldout_prompts"], report_dir, reward_model=reward["model"],
-                      scorer=ground_truth_scorer, reference="sft", baseline="sft",
-                      sampling=sampling, progress=False,
-                      runs={"sft": root / "sft", "reward": root / "reward",
-                            "dpo": root / f"dpo-beta{DPO_MAIN_BETA:g}",
-                            "ppo": root / f"ppo-kl{PPO_MAIN_KL:g}"})
-    table = result.metrics
-
-    def point(name: str, label: str) -> tuple[float, float, str]:
-        return (table[name]["kl"], table[name]["score/mean"], label)
-
-    name_of = {**{b: f"dpo-beta{b:g}" for b in dpo}, DPO_MAIN_BETA: "dpo"}
-    ppo_name = {**{k: f"ppo-kl{k:g}" for k in ppo}, PPO_MAIN_KL: "ppo"}
-    front = {"DPO (beta sweep)": [point(name_of[b], f"beta={b:g}") for b in sorted(dpo)],
-             "PPO (KL-coefficient sweep)": [point(ppo_name[k], f"kl={k:g}") for k in sorted(ppo)]}
+    result = _evaluate_models(root, s, models, runs)
+    dpo_names = {**{b: f"dpo-beta{b:g}" for b in runs["dpo"]}, DPO_MAIN_BETA: "dpo"}
+    ppo_names = {**{k: f"ppo-kl{k:g}" for k in runs["ppo"]}, PPO_MAIN_KL: "ppo"}
+    front = frontiers(result.metrics, dpo_names, ppo_names, result.intervals)
     stages.seconds["evaluate"] = time.perf_counter() - eval_started
     seconds = sum(stages.seconds.values())
     report = dict(result.report)
     report["title"] = "prefalign demo: steering reviews toward positive sentiment"
-    report["frontier"] = {"y": "score/mean", "curves": normalize_frontier(front)}
-    # Two mean scores within 1.96 standard errors of their difference are not told apart;
-    # the largest standard error of the compared models stands for both.
-    errors = score_standard_errors(report_dir / "samples.jsonl")
-    tie = 1.96 * 2 ** 0.5 * max(errors[n] for n in (*name_of.values(), *ppo_name.values()))
-    report["findings"] = _findings(s, table, reward, front, seconds, tie)
+    report["frontier"] = {"y": "score/mean", "curves": normalize_frontier(
+        {label: [p[:3] for p in points] for label, points in front.items()})}
+    report["findings"] = findings(result.metrics, runs["reward"], front, seconds)
     report["demo"] = {"settings": asdict(s), "stage_seconds": stages.seconds,
-                      "total_seconds": seconds, "reward_model": reward, "dpo": dpo, "ppo": ppo}
-    paths = write_report(report, report_dir)
+                      "total_seconds": seconds, "reward_model": runs["reward"],
+                      "dpo": runs["dpo"], "ppo": runs["ppo"]}
+    paths = write_report(report, root / "report")
     for line in report["findings"]:
         print("  " + line)
     print(f"report: {paths['html'].resolve()}")

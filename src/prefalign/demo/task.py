@@ -80,6 +80,13 @@ def make_review(rng: random.Random, p_positive: float, sentences: int = 3) -> st
     return f"{opener} {body}."
 
 
+def review_continuation(rng: random.Random) -> str:
+    """What a policy writes after a prompt: one to three clauses of one random sentiment
+    level, without the opener (the judge of the hybrid loop learns from such texts)."""
+    p_positive = rng.random()
+    return ". ".join(_sentence(rng, p_positive) for _ in range(rng.randint(1, 3))) + "."
+
+
 def review_corpus(n: int, seed: int = 0) -> list[str]:
     """Reviews of mixed sentiment (p_positive uniform in [0, 1]) for pre-training/SFT."""
     rng = random.Random(seed)

@@ -1,9 +1,9 @@
 """Benchmark rows of an evaluation: prompts with a reference answer or a test command.
 
 A prompt row with an `answer` (else `reference`) field is checked by
-preferences.answer_check (the last \\boxed{} or number against the answer, text after
+scoring.answer_check (the last \\boxed{} or number against the answer, text after
 normalisation): benchmark/accuracy. A row with a `test` field has that command run on each
-response's extracted code by the command scorer (preferences.scorers.Command: a fresh
+response's extracted code by the command scorer (scoring.command.Command: a fresh
 temporary directory, the code in solution.py, {file} and {dir} placeholders, a timeout,
 the whole process group killed at the end): benchmark/pass_rate, exit status 0 passing.
 Each is the mean over the samples of the rows that carry the field; its 95% interval
@@ -62,7 +62,7 @@ class Benchmark:
 
     def __init__(self, extras: Sequence[Mapping[str, Any]], enabled: bool | None,
                  timeout: float = 10.0, source: str = "--prompts"):
-        from prefalign.preferences.scorers import Command
+        from prefalign.scoring import Command
 
         self.answers: dict[int, Any] = {}
         self.tests: dict[int, Any] = {}
@@ -121,7 +121,7 @@ class Benchmark:
                progress: bool = True) -> None:
         """Adds benchmark_correct / benchmark_passed (0.0 or 1.0) to the samples of the
         rows that carry an answer / a test."""
-        from prefalign.preferences.answer_check import check_answer
+        from prefalign.scoring.answer_check import check_answer
 
         for name, rows in samples.items():
             for r in rows:

@@ -92,7 +92,7 @@ def prompt_display(prompt: str | Sequence[dict]) -> str:
 def sequence_logps(model: torch.nn.Module, generations: Sequence[Generation], pad_token_id: int,
                    batch_size: int = 16) -> list[float]:
     """Summed temperature-1 log-probs of each generation's response tokens under `model`."""
-    from prefalign.algorithms.reference import eval_mode
+    from prefalign.decoding import eval_mode
     from prefalign.logprobs import completion_logps
 
     device = next(model.parameters()).device
@@ -164,7 +164,7 @@ def _attach_scores(samples: dict[str, list[dict]], prompts: list, key: str,
         _say(progress, f"{name}: {key} of {len(rows)} responses")
         args: tuple = ()
         if extras is not None:
-            from prefalign.preferences.scorers import row_columns
+            from prefalign.scoring import row_columns
 
             args = (row_columns([{"extra_columns": extras[r["prompt_index"]]} for r in rows]),)
         values = score([prompts[r["prompt_index"]] for r in rows], [r["text"] for r in rows],
@@ -212,30 +212,16 @@ def _resolve_names(models: Mapping[str, str], reference: str | None, baseline: s
 
 
 def evaluate(
-    models: Mapping[str, str | Path],
-    prompts: Any,
-    output_dir: str | Path,
-    reward_model: str | Path | None = None,
-    scorer: Any = None,
-    reference: str | None = None,
-    baseline: str | None = None,
-    sampling: SamplingConfig | None = None,
+    models: Mapping[str, str | Path], prompts: Any, output_dir: str | Path,
+    reward_model: str | Path | None = None, scorer: Any = None, reference: str | None = None,
+    baseline: str | None = None, sampling: SamplingConfig | None = None,
     runs: Mapping[str, str | Path] | None = None,
-    frontier: Mapping[str, Sequence[Sequence]] | None = None,
-    findings: Sequence[str] = (),
-    num_examples: int = 3,
-    device: str | None = None,
-    progress: bool = True,
-    trust_remote_code: bool = False,
-    chat_template: str | None = None,
-    text_as_chat: bool = False,
-    judge: Any = None,
-    judge_template: str | None = None,
-    judge_retries: int = 2,
-    bootstrap: int = 1000,
-    judge_max_new_tokens: int = 64,
-    benchmark: bool | None = None,
-    benchmark_timeout: float = 10.0,
+    frontier: Mapping[str, Sequence[Sequence]] | None = None, findings: Sequence[str] = (),
+    num_examples: int = 3, device: str | None = None, progress: bool = True,
+    trust_remote_code: bool = False, chat_template: str | None = None,
+    text_as_chat: bool = False, judge: Any = None, judge_template: str | None = None,
+    judge_retries: int = 2, bootstrap: int = 1000, judge_max_new_tokens: int = 64,
+    benchmark: bool | None = None, benchmark_timeout: float = 10.0,
 ) -> EvalResult:
     """Sample, score and compare `models` (name -> model or adapter directory); write
     report.json, report.md, report.html, the plots and samples.jsonl to output_dir.
@@ -250,40 +236,22 @@ def evaluate(
     chat_template, text_as_chat: how every compared model's tokenizer renders the prompts
     (data.chat); the reward model keeps its own tokenizer.
     judge: a local causal-LM directory (loaded after sampling) or a judge object
-    (preferences.judge.LocalJudge, HttpJudge: judge(texts, attempt) -> answers, with .name
-    and .settings): the win_rate/judge* and judge/* metrics (evaluation.pairwise), asked
-    with judge_template (a template text as preferences.judge reads; default its built-in)
-    and judge_retries; a local judge answers in at most judge_max_new_tokens. bootstrap: resamples of the 95% intervals (0: none).
+    (preferences.local_judge.LocalJudge, HttpJudge: judge(texts, attempt) -> answers, with
+    .name and .settings): the win_rate/judge* and judge/* metrics (evaluation.pairwise),
+    asked with judge_template (a template text as preferences.judge reads; default its
+    built-in) and judge_retries; a local judge answers in at most judge_max_new_tokens.
+    bootstrap: resamples of the 95% intervals (0: none).
     benchmark: the benchmark/* metrics of prompt rows with an `answer` (or `reference`) or a
     `test` command (evaluation.benchmark); None: answers are checked when rows carry them,
     tests are not run; True: both, and an error when no row has either; False: neither.
     benchmark_timeout: seconds per test command.
     """
-    from prefalign.evaluation.report import example_table, load_run_curves, normalize_frontier
+    from prefalign.evaluation.report import load_run_curves, normalize_frontier
 
     models = {str(k): str(v) for k, v in models.items()}
-    # The report's files (samples.jsonl, report.*) must not land in a model, run or input.
-    check_no_overlap(output_dir, {
-        **{f"--models {k}": v for k, v in models.items()},
-        **{f"--runs {k}": v for k, v in (runs or {}).items()},
-        "--prompts": prompts, "--reward-model": reward_model,
-        "--reference": None if reference in models else reference,  # a name, or a directory
-        "--scorer": scorer if isinstance(scorer, str) else None})
-    if reward_model is not None:
-        from prefalign.reward_model import check_reward_model
-
-        if not Path(reward_model).is_dir():
-            raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
-        check_reward_model(reward_model)  # a causal LM here would score with a random head
+    _check_inputs(models, prompts, output_dir, reward_model, scorer, reference, runs)
     ref_path, ref_name, baseline = _resolve_names(models, reference, baseline)
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise ConfigError(f"evaluate: bootstrap must be a whole number >= 0 (0 = no "
-                          f"intervals), got {bootstrap!r}")
-    if judge_retries < 0:
-        raise ConfigError(f"evaluate: judge retries must be >= 0, got {judge_retries}")
-    if isinstance(judge, (str, Path)) and not Path(judge).is_dir():
-        raise ConfigError(f"evaluate: judge model {judge} is not a directory; for a served "
-                          "model give --judge-url too")
+    _check_numbers(bootstrap, judge_retries, judge)
     prompts, extras = prompt_rows(prompts)
     bench = Benchmark(extras, benchmark, benchmark_timeout)
     if bench or bench.skipped_tests:
@@ -293,40 +261,19 @@ def evaluate(
     # Everything that can fail on a typo fails here, before minutes of sampling.
     curves = {name: load_run_curves(path) for name, path in (runs or {}).items()}
     sweeps = normalize_frontier(frontier)
-    score = None
-    if scorer is not None:
-        from prefalign.algorithms.ppo import resolve_scorer
-        from prefalign.models import load_tokenizer
-
-        score = resolve_scorer(scorer, load_tokenizer(next(iter(models.values())),
-                                                      chat_template=chat_template))
+    score = _load_score(scorer, models, chat_template)
     samples = _sample_models(models, prompts, ref_path, sampling, device, progress,
                              trust_remote_code, (chat_template, text_as_chat))
     if reward_model is not None:
-        from prefalign.algorithms.reward import RewardScorer
-
-        # Loaded only now: the policies are out of memory by the time the RM comes in.
-        rm = RewardScorer(str(reward_model), batch_size=2 * sampling.batch_size, device=device,
-                          trust_remote_code=trust_remote_code)
-        _attach_scores(samples, prompts, "reward", rm.score, progress)
-        del rm
+        _attach_reward(samples, prompts, str(reward_model), 2 * sampling.batch_size, device,
+                       trust_remote_code, progress)
     if score is not None:
         _attach_scores(samples, prompts, "score", score, progress, extras)
     if bench:
         bench.attach(samples, [prompt_display(p) for p in prompts], progress)
-    judge_info = None
-    if judge is not None:
-        from prefalign.evaluation.pairwise import judge_against_baseline
-        from prefalign.preferences.judge import DEFAULT_TEMPLATE, LocalJudge
-
-        if isinstance(judge, (str, Path)):
-            judge = LocalJudge(str(judge), max_new_tokens=judge_max_new_tokens,
-                               batch_size=sampling.batch_size)
-        _say(progress, f"judging every model against {baseline} with {judge.name}")
-        unjudged = judge_against_baseline(samples, baseline, prompts, judge, judge_template,
-                                          judge_retries, progress=progress)
-        judge_info = {**judge.settings, "retries": judge_retries, "unjudged": unjudged,
-                      "template": judge_template or DEFAULT_TEMPLATE}
+    judge_info = None if judge is None else _judge_samples(
+        samples, prompts, baseline, judge, judge_template, judge_retries,
+        judge_max_new_tokens, sampling.batch_size, progress)
     settings = {
         "models": models, "reference": {"name": ref_name, "path": ref_path},
         "baseline": baseline, "reward_model": None if reward_model is None else str(reward_model),
@@ -334,27 +281,101 @@ def evaluate(
         "num_prompts": len(prompts), "device": device, "judge": judge_info,
         "benchmark": bench.settings() if bench else None,
     }
-    table = compute_metrics(samples, baseline)
-    intervals = compute_intervals(samples, baseline, bootstrap, sampling.seed)
     y = "reward/mean" if reward_model is not None else "score/mean" if scorer is not None else None
-    report = {
+    report = _report(samples, prompts, settings, bootstrap, [str(f) for f in findings],
+                     {"y": y, "curves": sweeps}, curves, num_examples)
+    paths = _write(report, samples, prompts, Path(output_dir))
+    _say(progress, f"wrote {paths['html']}")
+    return EvalResult(report["metrics"], samples, report, paths, report["intervals"])
+
+
+def _check_inputs(models: dict[str, str], prompts: Any, output_dir: str | Path,
+                  reward_model: str | Path | None, scorer: Any, reference: str | None,
+                  runs: Mapping[str, str | Path] | None) -> None:
+    # The report's files (samples.jsonl, report.*) must not land in a model, run or input.
+    check_no_overlap(output_dir, {
+        **{f"--models {k}": v for k, v in models.items()},
+        **{f"--runs {k}": v for k, v in (runs or {}).items()},
+        "--prompts": prompts, "--reward-model": reward_model,
+        "--reference": None if reference in models else reference,  # a name, or a directory
+        "--scorer": scorer if isinstance(scorer, str) else None})
+    if reward_model is not None:
+        from prefalign.models import check_reward_model
+
+        if not Path(reward_model).is_dir():
+            raise ConfigError(f"evaluate: reward model {reward_model} is not a directory")
+        check_reward_model(reward_model)  # a causal LM here would score with a random head
+
+
+def _check_numbers(bootstrap: Any, judge_retries: int, judge: Any) -> None:
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ConfigError(f"evaluate: bootstrap must be a whole number >= 0 (0 = no "
+                          f"intervals), got {bootstrap!r}")
+    if judge_retries < 0:
+        raise ConfigError(f"evaluate: judge retries must be >= 0, got {judge_retries}")
+    if isinstance(judge, (str, Path)) and not Path(judge).is_dir():
+        raise ConfigError(f"evaluate: judge model {judge} is not a directory; for a served "
+                          "model give --judge-url too")
+
+
+def _load_score(scorer: Any, models: dict[str, str], chat_template: str | None) -> Any:
+    """The scorer, seeing prompts rendered by the first model's tokenizer; None without one."""
+    if scorer is None:
+        return None
+    from prefalign.models import load_tokenizer
+    from prefalign.scoring import TextPrompts, load_scorer
+
+    return TextPrompts(load_scorer(scorer), load_tokenizer(next(iter(models.values())),
+                                                           chat_template=chat_template))
+
+
+def _attach_reward(samples: dict[str, list[dict]], prompts: list, reward_model: str,
+                   batch_size: int, device: str, trust_remote_code: bool,
+                   progress: bool) -> None:
+    from prefalign.scoring import load_scorer
+
+    # Loaded only now: the policies are out of memory by the time the RM comes in.
+    rm = load_scorer(reward_model, batch_size=batch_size, device=device,
+                     trust_remote_code=trust_remote_code)
+    _attach_scores(samples, prompts, "reward", rm.score, progress)
+
+
+def _judge_samples(samples: dict[str, list[dict]], prompts: list, baseline: str, judge: Any,
+                   template: str | None, retries: int, max_new_tokens: int, batch_size: int,
+                   progress: bool) -> dict[str, Any]:
+    """Every model's samples judged against the baseline's; the report's judge settings."""
+    from prefalign.evaluation.pairwise import judge_against_baseline
+    from prefalign.preferences.judge import DEFAULT_TEMPLATE
+    from prefalign.preferences.local_judge import LocalJudge
+
+    if isinstance(judge, (str, Path)):
+        judge = LocalJudge(str(judge), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    _say(progress, f"judging every model against {baseline} with {judge.name}")
+    unjudged = judge_against_baseline(samples, baseline, prompts, judge, template, retries,
+                                      progress=progress)
+    return {**judge.settings, "retries": retries, "unjudged": unjudged,
+            "template": template or DEFAULT_TEMPLATE}
+
+
+def _report(samples: dict[str, list[dict]], prompts: list, settings: dict[str, Any],
+            bootstrap: int, findings: list[str], frontier: dict[str, Any],
+            curves: dict[str, Any], num_examples: int) -> dict[str, Any]:
+    """report.json's content: the settings, metrics with intervals, curves and examples."""
+    from prefalign.evaluation.report import example_table
+
+    seed, baseline = settings["sampling"]["seed"], settings["baseline"]
+    return {
         "title": "Evaluation report",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
-        "findings": [str(f) for f in findings],
-        "metrics": table,
-        "intervals": intervals,
-        "bootstrap": {"resamples": bootstrap, "seed": sampling.seed, "level": M.BOOTSTRAP_LEVEL,
+        "findings": findings,
+        "metrics": compute_metrics(samples, baseline),
+        "intervals": compute_intervals(samples, baseline, bootstrap, seed),
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "level": M.BOOTSTRAP_LEVEL,
                       "unit": "prompt", "plus_minus": "half the width of the interval"},
         "metric_info": {k: {"label": label, "description": d} for k, (label, d) in METRICS.items()},
-        "frontier": {"y": y, "curves": sweeps},
+        "frontier": frontier,
         "runs": curves,
         "examples": example_table(samples, [prompt_display(p) for p in prompts], num_examples),
         "samples_file": "samples.jsonl",
     }
-    paths = _write(report, samples, prompts, Path(output_dir))
-    _say(progress, f"wrote {paths['html']}")
-    return EvalResult(table, samples, report, paths, intervals)
-
-
-# -- command line ------------------------------------------------------------------------

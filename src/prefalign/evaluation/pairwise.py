@@ -34,7 +34,7 @@ def judge_against_baseline(samples: Mapping[str, list[dict[str, Any]]], baseline
     samples against the baseline's and set, on every sample row, judge_verdict (1, 1/2, 0,
     or None when unjudged), judge_flip (None unless both orders were judged) and
     judge_status ("judged", "identical", "unjudged"). Returns {model: unjudged pairs}."""
-    from prefalign.preferences.judge import DEFAULT_TEMPLATE, judge_batch
+    from prefalign.preferences.listwise import DEFAULT_TEMPLATE, judge_batch
 
     template = template or DEFAULT_TEMPLATE
     base = samples[baseline]

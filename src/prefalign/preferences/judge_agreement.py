@@ -13,13 +13,14 @@ kappa (math in agreement.py). A pair that one file labels both ways is left out 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefalign.config import Section, option, require
 from prefalign.errors import ConfigError, DataError
 from prefalign.preferences.agreement import (
     accuracy_by_confidence,
@@ -27,7 +28,7 @@ from prefalign.preferences.agreement import (
     cohen_kappa,
     suggest_threshold,
 )
-from prefalign.preferences.best_of_n import sidecar
+from prefalign.preferences.journal import sidecar
 from prefalign.text import printable
 
 DESCRIPTION = ("Compare a judge's preference pairs with a human's on the pairs both labelled: "
@@ -150,18 +151,24 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--judged", required=True, help="pairs written by prefalign judge")
-    add("--human", required=True, help="pairs written by prefalign annotate")
-    add("--target-kappa", type=float, default=0.6, help="agreement the suggested "
-        "--min-confidence should reach (default: 0.6)")
-    add("--bootstrap", type=int, default=1000, help="resamples of the kappa interval "
-        "(default: 1000)")
-    add("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+@dataclass(frozen=True)
+class JudgeAgreementConfig(Section):
+    COMMAND = "judge agreement"
+
+    judged: str = option("", "pairs written by prefalign judge")
+    human: str = option("", "pairs written by prefalign annotate")
+    target_kappa: float = option(0.6, "agreement the suggested --min-confidence should reach")
+    bootstrap: int = option(1000, "resamples of the kappa interval")
+    seed: int = option(0, "seed of the bootstrap")
+
+    def validate(self) -> None:
+        require(bool(self.judged), "judged", "is required (--judged FILE)")
+        require(bool(self.human), "human", "is required (--human FILE)")
+        super().validate()
 
 
-def run(args: argparse.Namespace) -> int:
-    report = compare(args.judged, args.human, args.target_kappa, args.seed, args.bootstrap)
+def run(config: JudgeAgreementConfig) -> int:
+    report = compare(config.judged, config.human, config.target_kappa, config.seed,
+                     config.bootstrap)
     print(printable(format_report(report), keep="\n"))
     return 0

@@ -20,9 +20,13 @@ from collections import Counter
 from itertools import combinations
 from typing import Any
 
-from prefalign.errors import PrefalignError
+from prefalign.preferences.asking import (
+    ask_until_parsed,
+    distinct_candidates,
+    new_record,
+    note_no_answer,
+)
 from prefalign.preferences.http_judge import NoAnswer, stored_answer
-from prefalign.text import printable, warn
 
 PAIRWISE_TEMPLATE = """\
 Which of the two responses to the prompt below is better?
@@ -105,76 +109,36 @@ def flip_rate(pairs: list[dict]) -> float | None:
 def pairwise_batch(items: list[dict], judge: Any, template: str, retries: int,
                    samples: int = 1, on_inconsistent: str = "tie") -> list[dict]:
     """One record per item: every pair of distinct candidates asked in both orders, each
-    order `samples` times; a malformed answer is asked again (see pairwise.py)."""
-    records, asks = [], []  # ask: (record, pair, order, sample, text)
+    order `samples` times; a malformed answer is asked again (module docstring)."""
+    records, asks = [], []  # ask: ((record, pair, order, sample), text)
     for k, item in enumerate(items):
-        first: dict[str, int] = {}
-        for i, text in enumerate(item["candidates"]):
-            if text.strip():
-                first.setdefault(text, i)
-        ident = {"id": item["id"]} if item["id"] is not None else {}
-        shown = sorted(first.values())
-        record = {"origin": item["origin"], **ident, "judge": judge.name, "mode": "pairwise",
-                  "status": "unjudged", "reason": None, "shown": shown, "pairs": [],
-                  "flip_rate": None, "errors": []}
-        records.append(record)
-        if len(shown) < 2:
-            record.update(status="skipped", reason="fewer than 2 distinct candidates",
-                          errors=["fewer than 2 distinct candidates"])
-            continue
-        texts = item["candidates"]
-        for p, (i, j) in enumerate(combinations(shown, 2)):
-            record["pairs"].append({"a": i, "b": j, "answers": [[], []],
-                                    "choices": [[None] * samples, [None] * samples]})
-            for order, (x, y) in enumerate(((i, j), (j, i))):
-                text = render_pair(template, item["prompt"], texts[x], texts[y])
-                asks.extend((k, p, order, s, text) for s in range(samples))
-    pending = asks
-    for attempt in range(retries + 1):
-        if not pending:
-            break
-        answers = list(judge([a[4] for a in pending], attempt))
-        if len(answers) != len(pending):
-            raise PrefalignError(f"judge {judge.name} gave {len(answers)} answers to "
-                                 f"{len(pending)} prompts")
-        still = []
-        for ask, answer in zip(pending, answers):
-            k, p, order, s, _ = ask
-            record, pair = records[k], records[k]["pairs"][p]
-            if isinstance(answer, NoAnswer):
-                record["errors"].append(str(answer))
-                warn(f"{printable(str(record['origin']), keep='')}: a pair is left "
-                      f"unanswered: {printable(answer, keep='')}")
-                continue
-            pair["answers"][order].append(stored_answer(answer))
-            try:
-                pair["choices"][order][s] = parse_choice(answer)
-            except ValueError as e:
-                record["errors"].append(str(e))
-                still.append(ask)
-        pending = still
+        shown = distinct_candidates(item["candidates"])
+        records.append(new_record(item, judge.name, mode="pairwise", status="unjudged",
+                                  reason=None, shown=shown, pairs=[], flip_rate=None,
+                                  errors=[]))
+        if len(shown) >= 2:
+            asks += _pair_asks(k, item, shown, records[-1]["pairs"], template, samples)
+
+    def take(key: tuple[int, int, int, int], answer: str) -> bool:
+        k, p, order, s = key
+        record, pair = records[k], records[k]["pairs"][p]
+        if isinstance(answer, NoAnswer):
+            note_no_answer(record, answer, "a pair is left unanswered")
+            return False
+        pair["answers"][order].append(stored_answer(answer))
+        try:
+            pair["choices"][order][s] = parse_choice(answer)
+        except ValueError as e:
+            record["errors"].append(str(e))
+            return True
+        return False
+
+    ask_until_parsed(judge, asks, retries, take)
     probs = _label_probs(judge, records, asks, samples)
     for k, record in enumerate(records):
         for p, pair in enumerate(record["pairs"]):
-            orders = []
-            for order in (0, 1):
-                choices = [c for c in pair["choices"][order] if c is not None]
-                if not choices:
-                    orders.append((None, None))
-                    continue
-                choice, agree = majority(choices)
-                if samples > 1:
-                    confidence = agree
-                elif (k, p, order) in probs and choice != TIE:
-                    confidence = probs[k, p, order][choice]
-                else:
-                    confidence = None
-                orders.append((choice, confidence))
-            pair["choices"] = [c for c, _ in orders]
-            pair["confidences"] = [c for _, c in orders]
-            pair.update(combine(pair["a"], pair["b"], *orders))
-            if pair["consistent"] is False and on_inconsistent == "tie":
-                pair["verdict"] = TIE
+            _settle(pair, [probs.get((k, p, order)) for order in (0, 1)], samples,
+                    on_inconsistent)
         if record["status"] == "skipped":
             continue
         record["flip_rate"] = flip_rate(record["pairs"])
@@ -185,15 +149,55 @@ def pairwise_batch(items: list[dict], judge: Any, template: str, retries: int,
     return records
 
 
+def _pair_asks(k: int, item: dict, shown: list[int], pairs: list[dict], template: str,
+               samples: int) -> list[tuple[tuple[int, int, int, int], str]]:
+    """Append every pair of item k's `shown` candidates to `pairs` (unanswered) and return
+    its asks: each pair in both orders, `samples` times each."""
+    texts, asks = item["candidates"], []
+    for p, (i, j) in enumerate(combinations(shown, 2)):
+        pairs.append({"a": i, "b": j, "answers": [[], []],
+                      "choices": [[None] * samples, [None] * samples]})
+        for order, (x, y) in enumerate(((i, j), (j, i))):
+            text = render_pair(template, item["prompt"], texts[x], texts[y])
+            asks.extend(((k, p, order, s), text) for s in range(samples))
+    return asks
+
+
+def _settle(pair: dict, probs: list[list[float] | None], samples: int,
+            on_inconsistent: str) -> None:
+    """Each order's majority choice and confidence, then the pair's verdict (combine).
+
+    probs: per order, a local judge's label probabilities (None when it gave none)."""
+    orders = []
+    for order in (0, 1):
+        choices = [c for c in pair["choices"][order] if c is not None]
+        if not choices:
+            orders.append((None, None))
+            continue
+        choice, agree = majority(choices)
+        if samples > 1:
+            confidence = agree
+        elif probs[order] is not None and choice != TIE:
+            confidence = probs[order][choice]
+        else:
+            confidence = None
+        orders.append((choice, confidence))
+    pair["choices"] = [c for c, _ in orders]
+    pair["confidences"] = [c for _, c in orders]
+    pair.update(combine(pair["a"], pair["b"], *orders))
+    if pair["consistent"] is False and on_inconsistent == "tie":
+        pair["verdict"] = TIE
+
+
 def _label_probs(judge: Any, records: list[dict], asks: list[tuple], samples: int
                  ) -> dict[tuple, list[float]]:
     """(record, pair, order) -> label probabilities, for a judge that can give them."""
     if samples > 1 or not hasattr(judge, "label_probs"):
         return {}
-    wanted = [a for a in asks
-              if records[a[0]]["pairs"][a[1]]["choices"][a[2]][0] not in (None, TIE)]
-    found = judge.label_probs([a[4] for a in wanted]) if wanted else []
-    return {a[:3]: p for a, p in zip(wanted, found)}
+    wanted = [(key, text) for key, text in asks
+              if records[key[0]]["pairs"][key[1]]["choices"][key[2]][0] not in (None, TIE)]
+    found = judge.label_probs([text for _, text in wanted]) if wanted else []
+    return {key[:3]: p for (key, _), p in zip(wanted, found)}
 
 
 def pairwise_rows(item: dict, record: dict, judge_name: str, min_confidence: float | None,

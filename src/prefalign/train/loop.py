@@ -1,7 +1,8 @@
 """The one training loop. It knows nothing of algorithms.
 
-An algorithm supplies `collate(features) -> batch`, `units(features) -> float` (the count
-its loss is a mean over: pairs, rows or tokens) and `compute_loss(model, batch) ->
+An algorithm supplies `collate(features) -> batch` (a typed batch of prefalign.batches,
+or another dataclass with `.to(device)` and a `stand_in` field), `units(features) -> float` (the
+count its loss is a mean over: pairs, rows or tokens) and `compute_loss(model, batch) ->
 (loss, metrics)`. The loop does the rest: shuffling, accumulation, clipping, schedule,
 evaluation, checkpoints, exact resume, metrics and the progress bar, on CPU, one GPU or
 under `accelerate launch`. A NaN or inf loss or gradient stops the run naming the step and
@@ -11,25 +12,25 @@ Accumulation is exact: each micro-batch's mean loss is weighted by its share of 
 of the whole optimizer step (across processes), so 1 x 8 accumulated equals 8 x 1 even
 when micro-batches differ in size or the loss is a mean over tokens.
 
-Data parallelism (DDP, FSDP, DeepSpeed) comes from accelerate. Every process holds all
-features and cuts the same windows; `split_window` gives each its share of every
-micro-batch. Every process must run as many forward/backward passes per step as the
-others (each one holds collectives), so a process whose share of a micro-batch is empty
-(a window's last micro-batch with fewer rows than processes) runs a stand-in instead: a
-copy of one row of that micro-batch, its loss multiplied by 0, its metrics not counted,
-and `batch[STAND_IN] = True` for algorithms that exchange values across processes (KTO).
-Metrics are summed per process and reduced across processes when logged.
+`Trainer.step` is one optimizer update over given micro-batches; `train` runs the
+offline loop (windows of the shuffled data, one step each) around it.
+
+Data parallelism (DDP, FSDP, DeepSpeed) comes from accelerate. Every process cuts the same
+windows (train.window); one whose share of a micro-batch is empty runs a stand-in
+(train.window.Share), its batch's `stand_in` set for algorithms that exchange values
+across processes (KTO). Metrics are reduced across processes when logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -38,13 +39,10 @@ from tqdm.auto import tqdm
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import distributed
-from prefalign.train.batching import epoch_generator, feature_length, length_grouped_order
+from prefalign.train.batching import feature_length, length_grouped_order
 from prefalign.train.checkpoint import (
-    checkpoint_problem,
-    list_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
-    newest_intact,
     rng_state,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -52,33 +50,21 @@ from prefalign.train.checkpoint import (
 from prefalign.train.config import TrainConfig
 from prefalign.train.diagnostics import detached_loss_problem, lora_gradient_problem
 from prefalign.train.metrics import MetricLogger, MetricWindow
+from prefalign.train.nonfinite import NonFiniteGuard, all_finite
+from prefalign.train.resume import checkpoint_to_resume
 from prefalign.train.schedule import warmup_schedule
-
-Features = list[dict[str, Any]]
-STAND_IN = "stand_in"  # batch key, True on a zero-weight stand-in micro-batch (see above)
-
-
-class Share(NamedTuple):
-    """One process's part of one micro-batch: its rows and their loss units."""
-
-    features: Features
-    units: float
-    stand_in: bool = False
+from prefalign.train.window import Features, Share, epoch_order, process_shares
 
 
 class Algorithm(Protocol):
     progress_keys: tuple[str, ...]
 
-    def collate(self, features: Features) -> dict[str, Any]: ...
+    def collate(self, features: Features) -> Any: ...
 
     def units(self, features: Features) -> float: ...
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]
+    def compute_loss(self, model: torch.nn.Module, batch: Any
                      ) -> tuple[torch.Tensor, dict[str, Any]]: ...
-
-
-class NonFiniteLoss(PrefalignError):
-    pass
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
@@ -100,15 +86,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     times faster than the per-parameter loop on a CPU; Hugging Face Trainer's default)."""
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch: a pure function of (seed, epoch)."""
-    return torch.randperm(n, generator=epoch_generator(seed, epoch)).tolist()
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -156,12 +133,17 @@ class Trainer:
         self.clip_params = list(self.model.parameters())
         self.gather = distributed.gather_fn(acc)
         self.window = MetricWindow()
-        self.step = 0
+        self.global_step = 0  # training steps done (a step is one window)
         self.consumed = 0  # examples consumed, all epochs, all processes
-        self.skipped = 0  # optimizer steps dropped for a non-finite loss or gradient
-        self.skipped_in_a_row = 0
+        self.nonfinite = NonFiniteGuard(config.on_nonfinite, config.max_skipped_in_a_row,
+                                        self.checkpoint_dir, self.accelerator.is_main_process)
         self._lengths: list[int] | None = None  # per example, for group_by_length
         self.gradients_checked = False  # train.diagnostics, once after the first backward
+
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps dropped so far for a non-finite loss or gradient."""
+        return self.nonfinite.skipped
 
     # -- data -------------------------------------------------------------------------
     @property
@@ -202,12 +184,9 @@ class Trainer:
             # Rollouts need equally many prompts on every process (their statistics are
             # global): top a short window up with its own prompts, each one more sample.
             window += [window[i % len(window)] for i in range(-len(window) % procs)]
-        shares = split_window(window, self.config.batch_size, procs)
-        units = self.algorithm.units
-        total = float(sum(units(s) for micro in shares for s in micro if s))
-        mine = [micro[self.accelerator.process_index] for micro in shares]
-        return ([Share(f, units(f)) if f else Share([micro[0][0]], 0.0, True)
-                 for f, micro in zip(mine, shares)], total, order)
+        shares, total = process_shares(window, self.config.batch_size, procs,
+                                       self.accelerator.process_index, self.algorithm.units)
+        return shares, total, order
 
     # -- one step ---------------------------------------------------------------------
     def _train_step(self) -> None:
@@ -228,23 +207,33 @@ class Trainer:
         else:
             updates = [(shares, total_units)]
         for update_shares, update_units in updates:
-            self._update(update_shares, update_units, ids)
+            self.step(update_shares, update_units, ids)
         pop_metrics = getattr(self.algorithm, "pop_metrics", None)
         if pop_metrics:
             self.window.add(pop_metrics(), weight=1.0)
         self.scheduler.step()
-        self.step += 1
+        self.global_step += 1
 
-    def _update(self, shares: list[Share], total_units: float, ids: list[int]) -> None:
-        """Accumulate gradients over `shares` (this process's micro-batches), then step."""
+    def _batch(self, features: Features, stand_in: bool) -> Any:
+        batch = self.algorithm.collate(features).to(self.accelerator.device)
+        return dataclasses.replace(batch, stand_in=True) if stand_in else batch
+
+    def step(self, shares: list[Share], total_units: float, ids: list[int]) -> bool:
+        """One optimizer update: accumulate gradients over `shares` (this process's
+        micro-batches), each weighted by its units' share of `total_units` (the units of
+        the update over every process), clip, and step the optimizer.
+
+        ids: the update's example positions in train_features, named if it is not finite.
+        Returns False when the update was dropped (a non-finite loss or gradient under
+        on_nonfinite "skip"). Neither the schedule nor the step count moves: the caller
+        decides what one training step is (the offline loop: one window, one update).
+        """
         acc = self.accelerator
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         loss_sum = torch.zeros((), device=acc.device)
         kept: list[tuple[dict[str, Any], float]] = []  # metrics, logged if the update is kept
         for k, share in enumerate(shares):
-            batch = to_device(self.algorithm.collate(share.features), acc.device)
-            if share.stand_in:
-                batch[STAND_IN] = True
+            batch = self._batch(share.features, share.stand_in)
             sync = k == len(shares) - 1
             if deepspeed:
                 # DeepSpeed reduces and steps inside backward, where told the window ends.
@@ -266,11 +255,12 @@ class Trainer:
         # Under fp16 the grad scaler skips steps whose gradients overflowed (and lowers its
         # scale): that is how it works, not a fault, so there only the loss is checked.
         checked_norm = grad_norm if acc.scaler is None else None
-        if not self._all_finite(loss_sum, checked_norm):
-            self._skip_or_stop(ids)
+        if not all_finite(acc, loss_sum, checked_norm):
+            shown = [self.train_features[i].get("id", i) for i in ids[:16]]
+            self.nonfinite.handle(self.global_step + 1, shown, more=len(ids) > 16)
             self.optimizer.zero_grad(set_to_none=True)
-            return
-        self.skipped_in_a_row = 0
+            return False
+        self.nonfinite.passed()
         for step_metrics, weight in kept:
             self.window.add(step_metrics, weight=weight)
         if grad_norm is not None:
@@ -283,35 +273,7 @@ class Trainer:
                 tqdm.write(f"warning: {problem}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _all_finite(self, loss_sum: torch.Tensor, grad_norm: Any) -> bool:
-        """Whether loss and gradient norm are finite on every process, so that all of
-        them stop together (one stopping alone would leave the others waiting)."""
-        finite = torch.isfinite(loss_sum).float()
-        if grad_norm is not None:
-            finite = finite * torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
-        if self.accelerator.num_processes > 1:
-            finite = self.accelerator.reduce(finite.reshape(1), reduction="sum")
-        return bool(finite.sum().item() == self.accelerator.num_processes)
-
-    def _skip_or_stop(self, ids: list[int]) -> None:
-        """Raise NonFiniteLoss, or under on_nonfinite "skip" count the step as skipped
-        (its gradients and metrics are dropped by the caller) unless too many in a row."""
-        shown = [self.train_features[i].get("id", i) for i in ids[:16]]
-        what = (f"non-finite loss or gradient at step {self.step + 1} "
-                f"(examples {shown}{' ...' if len(ids) > 16 else ''})")
-        limit = self.config.max_skipped_in_a_row
-        if self.config.on_nonfinite == "skip" and self.skipped_in_a_row < limit:
-            self.skipped += 1
-            self.skipped_in_a_row += 1
-            if self.accelerator.is_main_process:
-                tqdm.write(f"{what}: skipped this step ({self.skipped} skipped so far)")
-            return
-        if self.config.on_nonfinite == "skip":
-            what += f", after {limit} skipped steps in a row"
-        ckpts = list_checkpoints(self.checkpoint_dir)
-        keep = f"last good checkpoint: {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-        raise NonFiniteLoss(f"{what}; {keep}. Lower the learning rate or check these rows.")
+        return True
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -330,10 +292,7 @@ class Trainer:
         largest = math.ceil(len(self.eval_features) / acc.num_processes)
         for start in range(0, largest, size):
             features = shard[start : start + size]
-            batch = to_device(self.algorithm.collate(features or self.eval_features[:1]),
-                              acc.device)
-            if not features:
-                batch[STAND_IN] = True
+            batch = self._batch(features or self.eval_features[:1], stand_in=not features)
             with acc.autocast():
                 loss, metrics = self.algorithm.compute_loss(self.model, batch)
             if features:
@@ -347,8 +306,7 @@ class Trainer:
         # them back, so the next log adds them up once.
         state = {"consumed": self.consumed, "window": self.window.state(self.gather),
                  "total_steps": self.total_steps, "num_processes": self.accelerator.num_processes,
-                 "engine": distributed.engine_name(self.accelerator),
-                 "skipped_steps": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
+                 "engine": distributed.engine_name(self.accelerator), **self.nonfinite.state()}
         if hasattr(self.algorithm, "state_dict"):
             state["algorithm"] = self.algorithm.state_dict()
         return state
@@ -359,12 +317,12 @@ class Trainer:
         acc.wait_for_everyone()
         state = self._trainer_state()
         if distributed.sharded_states(acc):
-            return save_sharded_checkpoint(self.checkpoint_dir, self.step, acc, self.scheduler,
+            return save_sharded_checkpoint(self.checkpoint_dir, self.global_step, acc, self.scheduler,
                                            state, c.save_total_limit)
         rngs = self.gather(rng_state()) if self.gather else None
         path = None
         if acc.is_main_process:
-            path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped, self.optimizer,
+            path = save_checkpoint(self.checkpoint_dir, self.global_step, self.unwrapped, self.optimizer,
                                    self.scheduler, state, c.save_total_limit, rngs)
         acc.wait_for_everyone()
         return path
@@ -373,58 +331,40 @@ class Trainer:
         """Every process loads the checkpoint (written by the main process, or by all of
         them under FSDP / DeepSpeed), so the checkpoint directory must be shared."""
         c, acc = self.config, self.accelerator
-        if not (c.resume or c.resume_from):
+        path = checkpoint_to_resume(c.resume, c.resume_from, self.checkpoint_dir, acc.print)
+        if path is None:
             return
-        if c.resume_from:
-            path = Path(c.resume_from)
-            problem = checkpoint_problem(path)
-            if problem:
-                raise PrefalignError(f"checkpoint {path} cannot be loaded: {problem}; choose "
-                                     "another with --resume-from, or --resume for the newest "
-                                     "intact one")
-        else:
-            path, skipped = newest_intact(self.checkpoint_dir)
-            for bad, why in skipped:  # a damaged newest checkpoint: fall back to an older one
-                acc.print(f"skipped checkpoint {bad}: {why}")
-            if path is None and skipped:
-                names = ", ".join(f"{p.name} ({why})" for p, why in skipped)
-                raise PrefalignError(f"no intact checkpoint in {self.checkpoint_dir}: {names}; "
-                                     "restore one, or start over with --overwrite")
-            if path is None:
-                acc.print(f"no checkpoint in {self.checkpoint_dir}: starting fresh")
-                return
         # Each loader refuses a checkpoint of the other format with a message saying why.
         if distributed.sharded_states(acc):
             state = load_sharded_checkpoint(path, acc, self.scheduler)
         else:
             state = load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler,
                                     acc.process_index)
-        self.step, self.consumed = state["step"], state["consumed"]
-        self.skipped = state.get("skipped_steps", 0)  # absent in checkpoints of older versions
-        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        self.global_step, self.consumed = state["step"], state["consumed"]
+        self.nonfinite.load_state(state)
         self.window.reset()
         if acc.is_main_process:
             self.window.load_state(state.get("window", {}))
         if "algorithm" in state:
             self.algorithm.load_state_dict(state["algorithm"])
-        acc.print(f"resumed from {path} at step {self.step}")
+        acc.print(f"resumed from {path} at step {self.global_step}")
 
     # -- the loop ---------------------------------------------------------------------
     def train(self) -> TrainResult:
         c, acc = self.config, self.accelerator
         self.maybe_resume()
         logger = MetricLogger(self.output_dir, acc.is_main_process, c.report_to,
-                              resume_step=self.step)
+                              resume_step=self.global_step)
         history: list[dict[str, Any]] = []
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
                    disable=not acc.is_main_process)
         started = time.perf_counter()
         try:
-            while self.step < self.total_steps:
+            while self.global_step < self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 self._train_step()
                 record = None
-                if self.step % c.logging_steps == 0 or self.step == self.total_steps:
+                if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
                     epoch = self.consumed / len(self.train_features)
                     self.window.reduce(self.gather)
                     record = {"epoch": round(epoch, 4), "lr": lr, **self.window.means()}
@@ -433,41 +373,26 @@ class Trainer:
                     self.window.reset()
                     bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", *self.algorithm.progress_keys)
                                      if isinstance(record.get(k), float)})
-                if self.eval_features and c.eval_steps and self.step % c.eval_steps == 0:
+                if self.eval_features and c.eval_steps and self.global_step % c.eval_steps == 0:
                     record = {**(record or {"epoch": round(self.consumed / len(self.train_features), 4)}),
                               **self.evaluate()}
                 if record is not None:
                     record["elapsed_s"] = round(time.perf_counter() - started, 3)
-                    logger.log(self.step, record)
-                    history.append({"step": self.step, **record})
-                if c.save_steps and self.step % c.save_steps == 0:
+                    logger.log(self.global_step, record)
+                    history.append({"step": self.global_step, **record})
+                if c.save_steps and self.global_step % c.save_steps == 0:
                     self.save()
                 bar.update(1)
-            if self.eval_features and not (c.eval_steps and self.step % c.eval_steps == 0):
+            if self.eval_features and not (c.eval_steps and self.global_step % c.eval_steps == 0):
                 record = {"epoch": round(self.consumed / len(self.train_features), 4), **self.evaluate()}
-                logger.log(self.step, record)
-                history.append({"step": self.step, **record})
+                logger.log(self.global_step, record)
+                history.append({"step": self.global_step, **record})
         finally:
             bar.close()
             logger.close()
         if self.skipped:
-            acc.print(f"skipped {self.skipped} of {self.total_steps} steps for a non-finite "
-                      "loss or gradient")
-        return TrainResult(step=self.step, output_dir=self.output_dir, history=history,
+            acc.print(f"skipped {self.skipped} of {self.total_steps} steps for a "
+                      "non-finite loss or gradient")
+        return TrainResult(step=self.global_step, output_dir=self.output_dir, history=history,
                            skipped_steps=self.skipped)
 
-
-def split_window(window: Features, batch_size: int, procs: int) -> list[list[Features]]:
-    """Cut a step's examples into micro-batches of up to batch_size x procs rows, and each
-    micro-batch into one share per process, sizes differing by one row at most.
-
-    (micro-batch k, process r) -> features. Only the last micro-batch may be smaller; when
-    it has fewer rows than processes, some shares are empty (the loop runs stand-ins).
-    """
-    shares = []
-    for start in range(0, len(window), batch_size * procs):
-        chunk = window[start : start + batch_size * procs]
-        size, extra = divmod(len(chunk), procs)
-        bounds = [r * size + min(r, extra) for r in range(procs + 1)]
-        shares.append([chunk[bounds[r] : bounds[r + 1]] for r in range(procs)])
-    return shares

@@ -34,7 +34,7 @@ INPUT_KEYS = {"model": "--model", "ref_model": "--ref-model", "reward_model": "-
 
 # What prefalign's trainers (and iterate) write into an output dir; --overwrite removes
 # these and nothing else.
-RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "samples.jsonl", "rounds.jsonl",
+RUN_FILES = frozenset({"config.yaml", "run.log", "metrics.jsonl", "samples.jsonl", "rounds.jsonl",
                        "checkpoints", "final", "final-merged", "final-eval", "cache",
                        "tensorboard", "wandb"})
 # round-R/ (iterate), temp and old copies of final/ (checkpoint.replaced_whole), the temp

@@ -1,16 +1,9 @@
-"""Typed configs: dataclasses filled from YAML, then from `--key value` command-line flags.
-
-One source of truth per option: the dataclass field gives its type, default and help, and
-from it come the YAML key (`learning_rate`), the flag (`--learning-rate`) and the `--help`
-line. Unknown keys, wrong types and values out of range are refused with a message that
-names the key and what is valid.
-"""
+"""Config values from text: YAML files, and command-line or YAML values converted to a
+field's type (ConfigError naming the key otherwise)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import math
 import types
 import typing
@@ -20,20 +13,6 @@ from typing import Any
 import yaml
 
 from prefalign.errors import ConfigError
-
-
-def option(default: Any, help: str, choices: tuple | None = None,
-           aliases: tuple[str, ...] = (), **kwargs) -> Any:
-    """A config field with its help text (and allowed values), shown by `--help`.
-
-    aliases: further command-line flags for the field (e.g. ("--lr",)), listed in `--help`
-    next to the main one; prefixes of flags are never accepted, so a short form must be one.
-    """
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases)}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta,
-                                 **kwargs)
-    return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -127,41 +106,6 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
 
 
-def _options(cls: type) -> list[dataclasses.Field]:
-    """The fields of `cls` that are options: set in __init__ and documented by `option`."""
-    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("help") is not None]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def config_flags(cls: type) -> list[str]:
-    """The command-line flags of every option of `cls` (aliases too), as
-    add_config_arguments makes them."""
-    return [flag for f in _options(cls) for flag in (_flag(f.name), *f.metadata.get("aliases", ()))]
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--kebab-case` flag per dataclass field; defaults come from the dataclass."""
-    hints = typing.get_type_hints(cls)
-    for f in _options(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = f.metadata.get("choices")
-        help_text = f"{f.metadata['help']} (default: {default!r}"
-        help_text += f"; one of: {', '.join(map(str, choices))})" if choices else ")"
-        flags = (_flag(f.name), *f.metadata.get("aliases", ()))
-        base, _ = _unwrap_optional(hints[f.name])
-        if base is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            origin = typing.get_origin(base)
-            metavar = "K=V,..." if origin is dict else "A,B,..." if origin is list else None
-            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                                help=help_text)
-
-
 class _ConfigLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses what a config never needs and only hides mistakes:
     aliases (`*name`: nested ones expand exponentially, so a few hundred bytes of
@@ -206,55 +150,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return data
-
-
-def build_config(cls: type, values: dict[str, Any], source: str = "config") -> Any:
-    """Instantiate `cls` from a flat mapping; unknown keys and bad types are ConfigErrors."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        import difflib
-
-        hints_text = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints_text.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ConfigError(f"{source}: unknown key {', '.join(hints_text)}; "
-                          f"run with --help to see the valid keys")
-    kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items()}
-    for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        if choices and f.name in kwargs and kwargs[f.name] not in choices:
-            raise ConfigError(f"config key '{f.name}': {kwargs[f.name]!r} is not one of "
-                              f"{', '.join(map(str, choices))}")
-    config = cls(**kwargs)
-    validate = getattr(config, "validate", None)
-    if validate:
-        validate()
-    return config
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """YAML from `--config` (if given), then every flag the user actually passed."""
-    values: dict[str, Any] = {}
-    config_path = getattr(args, "config", None)
-    if config_path:
-        values.update(load_yaml(config_path))
-    known = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in known})
-    return build_config(cls, values, source=str(config_path) if config_path else "config")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    """Range checks in `validate()`: `require(beta > 0, 'beta', 'must be > 0')`."""
-    if not condition:
-        raise ConfigError(f"config key '{key}' {message}")

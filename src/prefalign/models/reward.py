@@ -23,7 +23,6 @@ training starts from a causal LM with a fresh head through init_reward_model ins
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +34,20 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from prefalign.errors import PrefalignError
 from prefalign.logprobs import position_ids_from_mask
+from prefalign.masked import last_token_index
+from prefalign.models.causal_lm import load_causal_lm, load_tokenizer
+from prefalign.models.checks import check_fits_in_memory, check_weight_files, pickle_hint
+from prefalign.models.reward_checks import (
+    REWARD_MODEL_FIX,
+    adapter_base_or_none,
+    check_reward_model,
+    is_sequence_classification_dir,
+)
 from prefalign.packing import PackedInputs, attention_bias
-from prefalign.safetensors_files import read_header
 
 
-def last_token_index(input_ids: Tensor, attention_mask: Tensor,
-                     pad_token_id: int | None) -> Tensor:
+def reward_token_index(input_ids: Tensor, attention_mask: Tensor,
+                       pad_token_id: int | None) -> Tensor:
     """(B, T) ids and mask -> (B,) long: the rightmost attended position whose id != pad.
 
     HF's rule (GenericForSequenceClassification): argmax of position * is_real, which is 0
@@ -49,8 +56,7 @@ def last_token_index(input_ids: Tensor, attention_mask: Tensor,
     real = attention_mask.bool()
     if pad_token_id is not None:
         real = real & (input_ids != pad_token_id)
-    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-    return (positions * real).argmax(-1)
+    return last_token_index(real)
 
 
 # Architectures whose last decoder layer ends in a per-position dense MLP (no mixture of
@@ -185,7 +191,7 @@ class RewardModel(nn.Module):
                     attention_mask=attention_bias(self.backbone, packed.attention_mask),
                     use_cache=False)
         else:
-            last = last_token_index(input_ids, attention_mask, self.pad_token_id)
+            last = reward_token_index(input_ids, attention_mask, self.pad_token_id)
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             reads = rows * input_ids.shape[1] + last
             with self._reads_at(reads):
@@ -228,153 +234,6 @@ class RewardModel(nn.Module):
         return directory
 
 
-def is_sequence_classification_dir(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    architectures = _read_json(config).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
-
-
-# Every place that scores with a reward model (score, evaluate, best-of-N and iterate
-# scorers, PPO) loads it through load_reward_model, which calls check_reward_model first:
-# transformers would otherwise give a causal LM, a num_labels=2 classifier or a checkpoint
-# without head weights a freshly initialised `score` and every score would be noise.
-REWARD_MODEL_FIX = ("train one with `prefalign reward` or pass a sequence-classification "
-                    "checkpoint with num_labels=1")
-_HEAD_KEY = "score.weight"
-
-
-def _local_dir(path: str) -> Path:
-    """A local directory, or the snapshot of a hub id already in the local cache."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    from prefalign.hub import DOWNLOAD_FIX, downloads_allowed
-
-    if not local.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(path, local_files_only=not downloads_allowed()))
-        except Exception:  # not a repo id, or not cached: either way nothing to load
-            pass
-    fix = "" if downloads_allowed() else f"; give a local directory, or {DOWNLOAD_FIX}"
-    raise PrefalignError(f"reward model {path}: no such directory, and no model of that name "
-                         f"in the local hub cache{fix}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrefalignError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise PrefalignError(f"{path}: expected a JSON object")
-    return data
-
-
-def _safetensors_header(path: Path) -> dict:
-    """{tensor name: {dtype, shape, data_offsets}} of a .safetensors file; no tensor is read."""
-    try:
-        return read_header(path)[0]
-    except (OSError, ValueError) as exc:
-        raise PrefalignError(f"cannot read the safetensors header of {path}: {exc}") from None
-
-
-def head_shape(directory: Path) -> tuple[int, ...] | None:
-    """The saved shape of `score.weight` in a model directory's safetensors files (through
-    model.safetensors.index.json when sharded), None when no file holds it."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shard = (_read_json(index).get("weight_map") or {}).get(_HEAD_KEY)
-        if shard is None or not (directory / shard).is_file():
-            return None
-        files = [directory / shard]
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    for file in files:
-        entry = _safetensors_header(file).get(_HEAD_KEY)
-        if entry is not None:
-            return tuple(entry.get("shape") or ())
-    return None
-
-
-def _what_is(directory: Path) -> str | None:
-    """None for a reward model directory, else what it is instead (completes "X is ...")."""
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        return "not a model directory (no config.json)"
-    config = _read_json(config_file)
-    architectures = [str(a) for a in config.get("architectures") or []]
-    arch = ", ".join(architectures)
-    if not architectures:
-        return (f"a model whose config.json names no architectures (model_type "
-                f"{config.get('model_type')!r}), so no score head can be found in it")
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            return f"a causal language model ({arch})"
-        return f"a {arch} model"
-    # PretrainedConfig writes id2label for num_labels != 2 and defaults to 2 without it.
-    labels = config.get("id2label")
-    num_labels = len(labels) if isinstance(labels, dict) else int(config.get("num_labels", 2))
-    if num_labels != 1:
-        return (f"a sequence-classification checkpoint with num_labels={num_labels} ({arch}), "
-                "which gives one score per label")
-    if not any(directory.glob("*.safetensors")):
-        from prefalign.models import pickle_hint
-
-        hint = pickle_hint(directory) or ": it has no *.safetensors weight files"
-        raise PrefalignError(f"cannot load a reward model from {directory}{hint}")
-    shape = head_shape(directory)
-    if shape is None:
-        return (f"a {arch} checkpoint whose weight files hold no `{_HEAD_KEY}`, so its head "
-                "would be randomly initialised")
-    if len(shape) != 2 or shape[0] != 1:
-        return f"a {arch} checkpoint whose `{_HEAD_KEY}` has shape {list(shape)}, not [1, hidden]"
-    return None
-
-
-def _adapter_base(directory: Path) -> str | None:
-    """The base model an adapter directory names (None: not an adapter directory)."""
-    from prefalign.lora import ADAPTER_CONFIG
-
-    if not (directory / ADAPTER_CONFIG).is_file():
-        return None
-    base = _read_json(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if not base:
-        raise PrefalignError(f"{directory / ADAPTER_CONFIG} names no base_model_name_or_path; "
-                             "cannot tell which model the adapter belongs to")
-    return str(base)
-
-
-def check_reward_model(path: str | Path) -> Path:
-    """The local directory of a reward model (a trained scalar head whose weights are in
-    its safetensors files), else a PrefalignError in one line saying what `path` is.
-
-    Reads config.json and safetensors headers only. A LoRA adapter directory passes when
-    its base model does.
-    """
-    local = _local_dir(str(path))
-    base = _adapter_base(local)
-    if base is not None:
-        try:
-            base_dir = _local_dir(base)
-        except PrefalignError as exc:
-            raise PrefalignError(f"{path} is a LoRA adapter on {base}, which cannot be "
-                                 f"loaded: {exc}") from None
-        problem = _what_is(base_dir)
-        if problem is not None:
-            raise PrefalignError(f"{path} is a LoRA adapter on {base}, which is "
-                                 f"{problem}, not a reward model: {REWARD_MODEL_FIX}")
-        return local
-    problem = _what_is(local)
-    if problem is not None:
-        raise PrefalignError(f"{path} is {problem}, not a reward model: "
-                             f"{REWARD_MODEL_FIX}")
-    return local
-
-
 def load_reward_model(path: str | Path, tokenizer=None,
                       trust_remote_code: bool = False) -> RewardModel:
     """A RewardModel from a reward-model directory: an HF sequence-classification directory
@@ -386,13 +245,11 @@ def load_reward_model(path: str | Path, tokenizer=None,
     The pad id: the saved config's (what HF reads), else the tokenizer's; the tokenizer is
     loaded from `path` when not given.
     """
-    from prefalign.models import load_tokenizer
-
     local = check_reward_model(path)
     path = str(path)
     if tokenizer is None:
         tokenizer = load_tokenizer(str(local), trust_remote_code)
-    base = _adapter_base(local)
+    base = adapter_base_or_none(local)
     if base is not None:
         return _load_adapter_reward_model(local, base, tokenizer, trust_remote_code)
     hf = _load_classification(local, path, trust_remote_code)
@@ -402,8 +259,6 @@ def load_reward_model(path: str | Path, tokenizer=None,
 
 
 def _load_classification(local: Path, path: str, trust_remote_code: bool) -> PreTrainedModel:
-    from prefalign.models import check_fits_in_memory, check_weight_files, pickle_hint
-
     check_weight_files(local)
     check_fits_in_memory(str(local), AutoModelForSequenceClassification, trust_remote_code)
     try:
@@ -449,11 +304,9 @@ def init_reward_model(path: str | Path, tokenizer=None,
     model directory as load_reward_model loads it (its trained head), else a causal LM or
     an adapter directory such as an SFT output (merged onto its base) with a fresh head.
     A sequence-classification directory that is not a reward model is refused."""
-    from prefalign.models import load_causal_lm, load_tokenizer
-
     path = str(path)
     local = Path(path).expanduser()
-    base = _adapter_base(local) if local.is_dir() else None
+    base = adapter_base_or_none(local) if local.is_dir() else None
     if is_sequence_classification_dir(local) or (
             base is not None and is_sequence_classification_dir(Path(base).expanduser())):
         return load_reward_model(path, tokenizer, trust_remote_code)

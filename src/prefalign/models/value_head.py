@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from prefalign.logprobs import CompletionLogps, completion_logps, position_ids_from_mask
+from prefalign.models.reward import init_reward_model
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -68,8 +69,6 @@ def critic_backbone(model_dir: str) -> nn.Module:
     """The transformer of a reward model, causal LM or adapter directory, without its head:
     the critic reads hidden states through its own new ValueHead, so no score head is used
     (a classification directory that is not a reward model is still refused)."""
-    from prefalign.reward_model import init_reward_model
-
     return init_reward_model(model_dir).backbone
 
 

@@ -5,7 +5,7 @@
                                        r' = sum_i r_i, scaling 1 (lora_alpha = r').
 
 A module one stage did not adapt gets zero blocks in that stage's rows and columns. Pure
-tensor arithmetic: lora.save_adapter writes the result in PEFT's format, so a chain of
+tensor arithmetic: peft_format.save_adapter writes the result in PEFT's format, so a chain of
 stages (SFT, then DPO, then PPO) loads in PEFT as one adapter over the true base.
 """
 
