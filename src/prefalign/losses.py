@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefalign.masked import masked_mean
+from prefalign.rl import kl_estimate
 
 
 @dataclass(frozen=True)
@@ -506,3 +507,142 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
     # where(), not multiplication: an inf off the mask (e.g. a padded ratio) stays out.
     return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
+# --- On-policy policy losses (GRPO family, RLOO) -------------------------------------------
+# Formulas follow TRL 1.16's GRPOTrainer and RLOOTrainer `_compute_loss`; the reductions
+# below are its `loss_type` aggregations.
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def _clipped_surrogate(ratio: Tensor, advantages: Tensor, epsilon: float, epsilon_high: float
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """-min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A), and the (detached, bool)
+    clip masks, TRL's: low = ratio < 1 - eps with A < 0, high = ratio > 1 + eps_high with
+    A > 0 (the tokens whose gradient the clip removes), region = either."""
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    losses = -torch.minimum(ratio * advantages, clipped * advantages)
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon) & (advantages < 0)
+        high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    return losses, {"low": low, "high": high, "region": low | high}
+
+
+def _stat_mean(x: Tensor, mask: Tensor) -> Tensor:
+    # A (B, 1) statistic (sequence-level ratios) is one value per row, averaged over rows
+    # as TRL does; a (B, T) one is a mean over the masked tokens.
+    return x.float().mean() if x.shape[-1] == 1 else masked_mean(x.float(), mask)
+
+
+def grpo_policy_loss(
+    token_logps: Tensor, old_token_logps: Tensor, advantages: Tensor, mask: Tensor, *,
+    epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+    ref_token_logps: Tensor | None = None, importance_sampling_level: str = "token",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's per-token loss: Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, Eq. 3 (k3 KL:
+    Eq. 4), with DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476, the decoupled
+    epsilon_low / epsilon_high of its objective) and GSPO's sequence-level ratio s_i (Zheng
+    et al. 2025, arXiv:2507.18071, the length-normalised sequence likelihood ratio).
+
+    token_logps, old_token_logps, mask (B, T); advantages (B,) one per sequence, or (B, T);
+    ref_token_logps (B, T), needed when beta != 0. The caller's mask decides what counts: a
+    truncated completion is left out by passing its row all False.
+    ratio_t = exp(logp_t - logp_old_t)                               ("token")
+    ratio_t = exp(sum_t m_t (logp_t - logp_old_t) / max(sum_t m_t, 1))  ("sequence", GSPO)
+    loss_t = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A)
+             + beta * k3_t,   k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+    epsilon_high None = epsilon (symmetric clip). Returns (loss_t (B, T), 0 off the mask; the
+    caller reduces with a `GRPO_LOSS_TYPES` reduction) and detached scalar stats, TRL's
+    names: clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean and, when
+    beta != 0, kl (masked mean of k3). With logp = logp_old the ratio is exactly 1.
+    Not built: TRL's other loss types (cispo, sapo, luspo, vespo), its two-sided `delta`
+    clip and `use_bias_correction_kl`.
+    """
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+    if beta and ref_token_logps is None:
+        raise ValueError("grpo_policy_loss: beta != 0 needs ref_token_logps")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    log_ratio = token_logps - old_token_logps.detach()
+    if importance_sampling_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1)
+    high = epsilon if epsilon_high is None else epsilon_high
+    losses, clips = _clipped_surrogate(torch.exp(log_ratio), advantages.detach(), epsilon, high)
+    stats = {f"clip_ratio/{k}_mean": _stat_mean(v, mask) for k, v in clips.items()}
+    if beta:
+        kl = kl_estimate(token_logps, ref_token_logps.detach(), "k3")
+        losses = losses + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    return _masked(torch.broadcast_to(losses, mask.shape), mask), stats
+
+
+def grpo_sequence_mean(losses: Tensor, mask: Tensor, max_completion_length: int | None = None,
+                       num_items: Tensor | float | None = None) -> Tensor:
+    """`grpo` (Shao et al. 2024, arXiv:2402.03300, Eq. 3): each sequence's token mean, then the
+    mean over sequences: mean_i (sum_t m_it l_it / max(sum_t m_it, 1))."""
+    return masked_mean(losses, mask, dim=-1).mean()
+
+
+def bnpo_token_mean(losses: Tensor, mask: Tensor, max_completion_length: int | None = None,
+                    num_items: Tensor | float | None = None) -> Tensor:
+    """`bnpo`: the token mean over this batch, sum(m * l) / max(sum(m), 1)."""
+    return masked_mean(losses, mask)
+
+
+def dr_grpo_constant(losses: Tensor, mask: Tensor, max_completion_length: int | None = None,
+                     num_items: Tensor | float | None = None) -> Tensor:
+    """`dr_grpo` (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783,
+    its unbiased objective): the token sum over a constant, sum(m * l) / (B * max_len),
+    max_len = max_completion_length."""
+    if max_completion_length is None:
+        raise ValueError("dr_grpo needs max_completion_length")
+    return _masked(losses, mask).sum() / (losses.shape[0] * max_completion_length)
+
+
+def dapo_token_sum(losses: Tensor, mask: Tensor, max_completion_length: int | None = None,
+                   num_items: Tensor | float | None = None) -> Tensor:
+    """`dapo` (Yu et al. 2025, arXiv:2503.14476, its token-level loss): sum(m * l) / N, N the
+    masked tokens of the whole batch the update averages over (every process and every
+    accumulated micro-batch: TRL's num_items_in_batch, rescaled to one step). num_items None
+    = this batch's tokens, where dapo equals bnpo."""
+    total = _masked(losses, mask).sum()
+    count = mask.sum() if num_items is None else torch.as_tensor(num_items)
+    return total / count.to(total).clamp(min=1)
+
+
+# TRL's `loss_type` names: the reduction of grpo_policy_loss's (B, T) values to the loss.
+GRPO_LOSS_TYPES: dict[str, Callable[..., Tensor]] = {
+    "grpo": grpo_sequence_mean, "bnpo": bnpo_token_mean,
+    "dr_grpo": dr_grpo_constant, "dapo": dapo_token_sum,
+}
+
+
+def grpo_aggregate(loss_type: str, losses: Tensor, mask: Tensor,
+                   max_completion_length: int | None = None,
+                   num_items: Tensor | float | None = None) -> Tensor:
+    """Reduce grpo_policy_loss's (B, T) values with the registered `loss_type`; a scalar."""
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; valid: {', '.join(GRPO_LOSS_TYPES)}")
+    return GRPO_LOSS_TYPES[loss_type](losses, mask, max_completion_length, num_items)
+
+
+def rloo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
+                     epsilon: float = 0.2, epsilon_high: float | None = None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLOO's clipped sequence-level loss, as TRL 1.16's RLOOTrainer (Ahmadian et al. 2024,
+    "Back to Basics", arXiv:2402.14740, with PPO's clip, Schulman et al. 2017, Eq. 7).
+
+    logps, old_logps (B,): completion log-prob sums; advantages (B,), from
+    `rl.rloo_advantages` (the KL penalty, if any, is already in the reward there).
+    ratio = exp(logp - logp_old)   (of the whole sequence: a sum, not GSPO's mean)
+    loss = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+    Returns (losses (B,); the caller takes the mean) and detached scalar stats
+    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (shares of rows).
+    """
+    high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps.detach())
+    losses, clips = _clipped_surrogate(ratio, advantages.detach(), epsilon, high)
+    return losses, {f"clip_ratio/{k}_mean": v.float().mean() for k, v in clips.items()}
