@@ -27,6 +27,7 @@ from typing import Any
 
 from prefalign.config import Section, option, require
 from prefalign.errors import ConfigError, DataError, atomic_file
+from prefalign.text import printable
 
 FORMATS = ("argilla", "label-studio", "trl")
 EXPORT_DESCRIPTION = ("Write candidates or human labels as Argilla records or Label Studio "
@@ -95,6 +96,16 @@ def _candidates_task(data: dict, origin: str) -> Task:
             isinstance(c, str) for c in candidates):
         raise DataError(f"{origin}: candidates must be a list of two or more strings")
     return Task(prompt, list(candidates), data.get("id"))
+
+
+def task_prompt(fields: dict, prompt_field: str, origin: str, key: str = "field") -> Any:
+    """The prompt of an imported task, checked; `key` is what the format calls a field."""
+    if prompt_field not in fields:
+        raise DataError(f"{origin}: no {key} {prompt_field!r} ({key.split()[-1]}s: "
+                        f"{printable(', '.join(map(str, fields)))[:80]}); name the prompt "
+                        f"{key.split()[-1]} with --prompt-field")
+    check_prompt(fields[prompt_field], origin)
+    return fields[prompt_field]
 
 
 def check_prompt(prompt: Any, origin: str) -> None:

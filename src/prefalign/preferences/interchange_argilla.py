@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefalign.errors import DataError
-from prefalign.preferences.interchange import Task, check_prompt, check_ranks
+from prefalign.preferences.interchange import Task, check_ranks, task_prompt
 from prefalign.text import printable
 
 QUESTION = "ranking"
@@ -77,11 +77,7 @@ def from_records(rows: list, prompt_field: str = PROMPT, question: str | None = 
         if not isinstance(fields, dict) or not isinstance(data.get("responses", {}), dict):
             raise DataError(f"{origin}: not an Argilla record (no 'fields' mapping); give the "
                             "JSON that dataset.records.to_json writes")
-        if prompt_field not in fields:
-            raise DataError(f"{origin}: no field {prompt_field!r} (fields: "
-                            f"{printable(', '.join(map(str, fields)))[:80]}); name the prompt "
-                            "field with --prompt-field")
-        check_prompt(fields[prompt_field], origin)
+        task_prompt(fields, prompt_field, origin)
         _, answers = _question(data.get("responses") or {}, question, origin)
         kept = []
         for number, answer in enumerate(answers, start=1):

@@ -38,8 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefalign.errors import DataError
-from prefalign.preferences.interchange import Task, check_prompt, check_ranks
-from prefalign.text import printable
+from prefalign.preferences.interchange import Task, check_ranks, task_prompt
 
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PAIR_KEYS = ("text1", "text2")
@@ -103,11 +102,7 @@ def from_records(rows: list, prompt_field: str = "prompt") -> tuple[list[Task], 
         if not isinstance(fields, dict) or not isinstance(annotations, list):
             raise DataError(f"{origin}: not a Label Studio task (needs 'data' and a list of "
                             "'annotations'); give the project's JSON export")
-        if prompt_field not in fields:
-            raise DataError(f"{origin}: no data key {prompt_field!r} (keys: "
-                            f"{printable(', '.join(map(str, fields)))[:80]}); name the prompt "
-                            "key with --prompt-field")
-        check_prompt(fields[prompt_field], origin)
+        task_prompt(fields, prompt_field, origin, key="data key")
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
         names = meta.get("annotators")
         task = None
