@@ -383,8 +383,7 @@ def test_ppo_whitening_uses_every_process_rollouts():
     parts, out = [(x[:2], mask[:2]), (x[2:], mask[2:])], [None, None]
 
     def run(rank):
-        ppo = PPO(PPOConfig(model="m", data="d", reward_fn="x"), None, None,
-                  ThreadedAccelerator(rank))
+        ppo = PPO(PPOConfig(model="m", data="d", reward_fn="x"), 0, ThreadedAccelerator(rank))
         out[rank] = masked_whiten(*parts[rank], reduce=ppo.sum_across)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]

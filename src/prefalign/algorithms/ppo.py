@@ -1,7 +1,7 @@
 """PPO against a reward model or a scoring function (Ouyang et al. 2022, arXiv:2203.02155).
 
-One training-loop step is one PPO iteration:
-  1. rollout: sample responses to the step's prompts (KV cache), score them;
+One step of the on-policy loop (algorithms.onpolicy) is one PPO iteration:
+  1. rollout: sample one response per prompt (KV cache), score it;
   2. one no-grad pass gives the old log-probs and values, one the reference log-probs;
   3. rewards = score on the last token - kl_coef * KL per token; GAE; whitened advantages;
   4. ppo_epochs passes over num_mini_batches mini-batches, each one optimizer update of the
@@ -15,21 +15,19 @@ the KL controller, the approx-KL stop and objective/* use every process's rollou
 
 from __future__ import annotations
 
-import json
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from prefalign.algorithms.onpolicy import Rollout, fit_on_policy
 from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
 from prefalign.errors import ConfigError
-from prefalign.generation import SamplingConfig, SamplingOptions, generate
-from prefalign.logprobs import LogpsModel
+from prefalign.generation import SamplingOptions
 from prefalign.losses import ppo_policy_loss, ppo_value_loss
 from prefalign.masked import masked_mean, masked_whiten
 from prefalign.rl import (
@@ -41,7 +39,7 @@ from prefalign.rl import (
     kl_estimate,
     shaped_rewards,
 )
-from prefalign.scoring import TextPrompts, load_scorer, row_columns
+from prefalign.scoring import TextPrompts, load_scorer
 from prefalign.train.run import Run
 from prefalign.train.sections import (
     MergeOption,
@@ -123,35 +121,29 @@ class PPOConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunO
         require(self.temperature > 0, "temperature", "must be > 0 (PPO needs sampling)")
 
 
-Scorer = Callable[[list, list], list]
-
-
 class PPO:
-    """Rollouts and the clipped PPO update for the training loop (see module docstring)."""
+    """PPO's choices on the on-policy loop (algorithms.onpolicy): one sample per prompt, a
+    value head, KL-shaped rewards, GAE, the clipped update and the approx-KL stop."""
 
     progress_keys = ("objective/scores", "objective/kl")
+    samples_per_prompt = 1
 
-    def __init__(self, config: PPOConfig, tokenizer: Any, scorer: Scorer, accelerator: Any,
-                 reference: AdaptersOff | FrozenCopy | None = None, samples_path=None) -> None:
+    def __init__(self, config: PPOConfig, pad_token_id: int, accelerator: Any,
+                 reference: AdaptersOff | FrozenCopy | None = None) -> None:
         self.config = config
-        self.tokenizer = tokenizer
-        self.scorer = scorer
-        self.accelerator = accelerator
         self.reference = reference  # from make_reference; None only if nothing is rolled out
-        self.samples_path = samples_path
-        self.minibatches_per_step = config.num_mini_batches
+        self.pad_token_id = pad_token_id
+        self.accelerator = accelerator
+        self.epochs, self.mini_batches = config.ppo_epochs, config.num_mini_batches
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
                        if config.target_kl else FixedKLController(config.kl_coef))
-        self.iteration = 0
-        self._metrics: dict[str, Any] = {}
-        self._approxkl: list[Tensor] = []
+        self._approxkl: list[Tensor] = []  # of the current update's micro-batches
 
-    # -- loop protocol ----------------------------------------------------------------
     def units(self, rows: list[dict]) -> float:
         return float(len(rows))
 
     def collate(self, rows: list[dict]) -> RolloutBatch:
-        """Experience rows -> a RolloutBatch of right-padded (B, T) tensors."""
+        """Rollout rows -> a RolloutBatch of right-padded (B, T) tensors."""
         length = max(len(r["input_ids"]) for r in rows)
 
         def pad(key: str, value: Any = 0) -> Tensor:
@@ -162,8 +154,18 @@ class PPO:
 
         scored = {key: pad(key) for key in ("old_token_logps", "old_values", "advantages",
                                             "returns") if key in rows[0]}
-        return RolloutBatch(pad("input_ids", self.tokenizer.pad_token_id),
+        return RolloutBatch(pad("input_ids", self.pad_token_id),
                             pad("attention_mask"), pad("completion_mask"), **scored)
+
+    def rollout_pass(self, model, batch: RolloutBatch) -> dict[str, Tensor]:
+        """The update's forward, without gradients: old log-probs, values, entropy."""
+        c = self.config
+        out, values = model(*batch.inputs(), temperature=c.temperature, stats=True,
+                            chunk_size=c.logps_chunk_size)
+        lengths = batch.attention_mask.sum(1).tolist()
+        entropy = torch.stack([masked_mean(out.entropy[i, :n], out.mask[i, :n])
+                               for i, n in enumerate(lengths)])
+        return {"old_token_logps": out.token_logps, "old_values": values, "entropy": entropy}
 
     def compute_loss(self, model, batch: RolloutBatch) -> tuple[Tensor, dict]:
         c = self.config
@@ -183,34 +185,15 @@ class PPO:
             "val/clipfrac": vf["clipfrac"],
         }
 
-    def plan(self, model, micro: list[list[dict]]) -> Iterator[tuple[list[list[dict]], float]]:
-        """Rollout for this step's prompts, then the updates of every epoch and mini-batch."""
-        c = self.config
-        prompts = [f for m in micro for f in m]
-        rows = self._rollout(model, prompts)
-        size = c.batch_size * c.grad_accum
-        procs = self.accelerator.num_processes
-        rng = random.Random(c.seed * 7919 + self.iteration)
-        self._approxkl.clear()
-        for epoch in range(c.ppo_epochs):
-            # Epoch 0 keeps the rollout's order: its first micro-batches are exactly those
-            # the old log-probs were computed on.
-            order = list(range(len(rows))) if epoch == 0 else rng.sample(range(len(rows)), len(rows))
-            for start in range(0, len(rows), size):
-                chosen = [rows[i] for i in order[start : start + size]]
-                batches = [chosen[i : i + c.batch_size] for i in range(0, len(chosen), c.batch_size)]
-                self._approxkl.clear()
-                yield batches, float(len(chosen) * procs)
-                if c.target_approx_kl and self._mean_approxkl() > c.target_approx_kl:
-                    self._metrics["policy/early_stop_epoch"] = epoch
-                    return
-
-    def _mean_approxkl(self) -> float:
-        """Mean approx KL of the last update over every process, so all stop together."""
-        if not self._approxkl:
-            return 0.0
-        total, count = self._global_sums(torch.stack(self._approxkl).sum(), len(self._approxkl))
-        return total / count
+    def stop_early(self) -> bool:
+        """Whether the last update's approx KL, over every process (so that all stop
+        together), exceeds target_approx_kl."""
+        approxkl, self._approxkl = self._approxkl, []
+        target = self.config.target_approx_kl
+        if not target or not approxkl:
+            return False
+        total, count = self._global_sums(torch.stack(approxkl).sum(), len(approxkl))
+        return total / count > target
 
     # -- statistics over every process's rollouts ---------------------------------------
     def _global_sums(self, *values: Tensor) -> list[float]:
@@ -230,64 +213,18 @@ class PPO:
             return values
         return acc.reduce(values.to(acc.device), reduction="sum").to(values.device)
 
-    def pop_metrics(self) -> dict[str, Any]:
-        metrics, self._metrics = self._metrics, {}
-        return metrics
-
     def state_dict(self) -> dict[str, Any]:
-        return {"kl_ctl": self.kl_ctl.state_dict(), "iteration": self.iteration}
+        return {"kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.iteration = state["iteration"]
 
-    # -- rollout ----------------------------------------------------------------------
-    @torch.no_grad()
-    def _rollout(self, model, prompts: list[dict]) -> list[dict]:
-        c, acc = self.config, self.accelerator
-        unwrapped = acc.unwrap_model(model)
-        sampling = SamplingConfig.of(c, seed=c.seed * 100_003 + self.iteration
-                                     * acc.num_processes + acc.process_index,
-                                     batch_size=c.batch_size)
-        gens = generate(unwrapped.policy, self.tokenizer, [p["prompt"] for p in prompts],
-                        sampling, progress=False)
-        rows = [self._row(g) for g in gens]
-        # Old log-probs and values: the update's forward, on the update's micro-batches.
-        for start in range(0, len(rows), c.batch_size):
-            part = rows[start : start + c.batch_size]
-            inputs = self.collate(part).to(acc.device).inputs()
-            with acc.autocast():
-                out, values = model(*inputs, temperature=c.temperature, stats=True,
-                                    chunk_size=c.logps_chunk_size)
-                ref = self._reference_logps(unwrapped, inputs)
-            for i, row in enumerate(part):
-                n = len(row["input_ids"])
-                row["old_token_logps"] = out.token_logps[i, :n].float().cpu()
-                row["old_values"] = values[i, :n].float().cpu()
-                row["ref_token_logps"] = ref[i, :n].float().cpu()
-                row["entropy"] = float(masked_mean(out.entropy[i, :n], out.mask[i, :n]))
-        texts = [g.text for g in gens]
-        scores = torch.tensor(self.scorer([p["prompt"] for p in prompts], texts,
-                                          row_columns(prompts)), dtype=torch.float32)
-        return self._advantages(rows, scores, prompts, texts, gens)
-
-    def _row(self, g) -> dict[str, Tensor]:
-        ids = torch.tensor(g.prompt_ids + g.response_ids)
-        completion = torch.zeros(len(ids), dtype=torch.bool)
-        completion[len(g.prompt_ids):] = True
-        return {"input_ids": ids, "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                "completion_mask": completion, "finished": g.finished}
-
-    def _reference_logps(self, unwrapped, inputs) -> Tensor:
-        """(B, T) reference log-probs per token, at the sampling temperature: the KL
-        penalty is per token (a FrozenCopy ignores the policy; AdaptersOff reads it)."""
-        policy = LogpsModel(unwrapped.policy)
-        out = self.reference.score(policy, *inputs, temperature=self.config.temperature)
-        return out.token_logps
-
-    def _advantages(self, rows, scores: Tensor, prompts, texts, gens) -> list[dict]:
-        c = self.config
-        raw_scores = scores.clone()
+    # -- advantages ---------------------------------------------------------------------
+    def advantages(self, rollout: Rollout) -> dict[str, Any]:
+        """Scores shaped (EOS penalty, clip, whitening) minus kl_coef * KL per token, GAE,
+        whitened advantages on each row; the KL controller moves; the metrics."""
+        c, rows = self.config, rollout.rows
+        scores = rollout.scores
         finished = torch.tensor([r["finished"] for r in rows])
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~finished).float()
@@ -299,7 +236,7 @@ class PPO:
         batch = self.collate(rows)
         mask = batch.completion_mask & batch.attention_mask.bool()
         mask[:, 0] = False
-        pad = lambda key: self._pad_key(rows, key, batch.input_ids.shape[1])  # noqa: E731
+        pad = lambda key: _pad_key(rows, key, batch.input_ids.shape[1])  # noqa: E731
         old, ref, values = pad("old_token_logps"), pad("ref_token_logps"), pad("old_values")
         kl = kl_estimate(old, ref, c.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
@@ -309,14 +246,23 @@ class PPO:
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             row["advantages"], row["returns"] = advantages[i, :n], returns[i, :n]
-        kl_per_seq = kl.sum(1)
-        # Per-sequence means over every process's rollouts (one collective): the KL
-        # controller must see the same global KL everywhere, and the logs the global batch.
+        metrics, n = self._metrics(rollout, scores, kl.sum(1), kl_coef, (values, returns, mask))
+        self.kl_ctl.update(metrics["objective/kl"], int(n))
+        return metrics
+
+    def _metrics(self, rollout: Rollout, scores: Tensor, kl_per_seq: Tensor, kl_coef: float,
+                 value_terms: tuple[Tensor, Tensor, Tensor]) -> tuple[dict[str, Any], float]:
+        """Per-sequence means over every process's rollouts (one collective): the KL
+        controller must see the same global KL everywhere, and the logs the global batch.
+        Also the number of sequences over every process."""
+        rows, (values, returns, mask) = rollout.rows, value_terms
         entropy = torch.tensor([r["entropy"] for r in rows])
+        finished = torch.tensor([r["finished"] for r in rows])
         n, score_sum, kl_sum, rlhf_sum, entropy_sum, tokens, eos_sum, value_sum = self._global_sums(
-            len(rows), raw_scores.sum(), kl_per_seq.sum(), (scores - kl_coef * kl_per_seq).sum(),
-            entropy.sum(), mask.sum(), finished.sum(), (values * mask).sum())
-        self._metrics = {
+            len(rows), rollout.scores.sum(), kl_per_seq.sum(),
+            (scores - kl_coef * kl_per_seq).sum(), entropy.sum(), mask.sum(), finished.sum(),
+            (values * mask).sum())
+        return {
             "objective/scores": score_sum / n,
             "objective/kl": kl_sum / n,
             "objective/non_score_reward": -kl_coef * kl_sum / n,
@@ -328,28 +274,14 @@ class PPO:
             "kl_coef": kl_coef,
             "response_length": tokens / n,
             "eos_fraction": eos_sum / n,
-        }
-        self.kl_ctl.update(self._metrics["objective/kl"], int(n))
-        self._write_samples(prompts, texts, raw_scores)
-        self.iteration += 1
-        return rows
+        }, n
 
-    @staticmethod
-    def _pad_key(rows, key: str, length: int) -> Tensor:
-        out = torch.zeros(len(rows), length)
-        for i, r in enumerate(rows):
-            out[i, : len(r[key])] = r[key]
-        return out
 
-    def _write_samples(self, prompts, texts, scores) -> None:
-        c = self.config
-        if (self.samples_path is None or not self.accelerator.is_main_process
-                or self.iteration % c.logging_steps):
-            return
-        with open(self.samples_path, "a", encoding="utf-8") as handle:
-            for p, t, s in list(zip(prompts, texts, scores.tolist()))[: c.num_samples]:
-                handle.write(json.dumps({"step": self.iteration + 1, "prompt": p["prompt"],
-                                         "response": t, "score": s}) + "\n")
+def _pad_key(rows: list[dict], key: str, length: int) -> Tensor:
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        out[i, : len(r[key])] = r[key]
+    return out
 
 
 def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None):
@@ -373,10 +305,10 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
     module = policy_with_value(run, config)
     score = TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
                         run.tokenizer)
-    algorithm = PPO(config, run.tokenizer, score, run.accelerator, make_reference(run, config),
-                    samples_path=run.output_dir / "samples.jsonl")
-    return run.fit(algorithm, prompts, [], model=module,
-                   extra=lambda directory: save_value_head(module.value_head, directory))
+    algorithm = PPO(config, run.tokenizer.pad_token_id, run.accelerator,
+                    make_reference(run, config))
+    return fit_on_policy(run, algorithm, prompts, model=module, scorer=score,
+                         extra=lambda directory: save_value_head(module.value_head, directory))
 
 
 def _require_scorer(config: PPOConfig, scorer: Callable | None) -> None:

@@ -149,8 +149,7 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         c = self.config
-        per_step = getattr(self.algorithm, "minibatches_per_step", 1)
-        return c.batch_size * c.grad_accum * self.accelerator.num_processes * per_step
+        return c.batch_size * c.grad_accum * self.accelerator.num_processes
 
     def _total_steps(self) -> int:
         if self.config.max_steps:
@@ -169,8 +168,8 @@ class Trainer:
         group = self.config.batch_size * self.accelerator.num_processes
         return length_grouped_order(self._lengths, seed, epoch, group)
 
-    def _next_window(self) -> tuple[list[Share], float, list[Any]]:
-        """This process's micro-batches for the next step, the step's total units, its ids.
+    def _next_order(self) -> list[int]:
+        """The positions in train_features of the next step's window (all processes).
 
         Windows never cross an epoch boundary: the last one of an epoch may be smaller.
         """
@@ -178,39 +177,24 @@ class Trainer:
         epoch, offset = divmod(self.consumed, n)
         order = self._epoch_order(epoch)[offset : offset + self.global_batch]
         self.consumed += len(order)
+        return order
+
+    def _next_window(self) -> tuple[list[Share], float, list[Any]]:
+        """This process's micro-batches for the next step, the step's total units, its ids."""
+        order = self._next_order()
         window = [self.train_features[i] for i in order]
-        procs = self.accelerator.num_processes
-        if procs > 1 and hasattr(self.algorithm, "plan"):
-            # Rollouts need equally many prompts on every process (their statistics are
-            # global): top a short window up with its own prompts, each one more sample.
-            window += [window[i % len(window)] for i in range(-len(window) % procs)]
-        shares, total = process_shares(window, self.config.batch_size, procs,
+        shares, total = process_shares(window, self.config.batch_size,
+                                       self.accelerator.num_processes,
                                        self.accelerator.process_index, self.algorithm.units)
         return shares, total, order
 
     # -- one step ---------------------------------------------------------------------
     def _train_step(self) -> None:
-        """One step: by default one optimizer update over the window.
-
-        An algorithm with `plan(model, micro_batches)` (PPO) turns the window into several
-        updates instead (e.g. rollouts, then epochs of mini-batches); it yields
-        (micro-batches of this process, units of the update across processes) per update,
-        and may stop early. `pop_metrics()` adds per-step metrics (e.g. rollout scores).
-        """
+        """One training step: one optimizer update over the next window. (The on-policy
+        loop, algorithms.onpolicy, makes a step a rollout and several updates instead.)"""
         shares, total_units, ids = self._next_window()
         self.model.train()
-        plan = getattr(self.algorithm, "plan", None)
-        if plan:
-            units = self.algorithm.units
-            updates = (([Share(f, units(f)) for f in micro], update_units)
-                       for micro, update_units in plan(self.model, [s.features for s in shares]))
-        else:
-            updates = [(shares, total_units)]
-        for update_shares, update_units in updates:
-            self.step(update_shares, update_units, ids)
-        pop_metrics = getattr(self.algorithm, "pop_metrics", None)
-        if pop_metrics:
-            self.window.add(pop_metrics(), weight=1.0)
+        self.step(shares, total_units, ids)
         self.scheduler.step()
         self.global_step += 1
 
@@ -307,9 +291,15 @@ class Trainer:
         state = {"consumed": self.consumed, "window": self.window.state(self.gather),
                  "total_steps": self.total_steps, "num_processes": self.accelerator.num_processes,
                  "engine": distributed.engine_name(self.accelerator), **self.nonfinite.state()}
-        if hasattr(self.algorithm, "state_dict"):
-            state["algorithm"] = self.algorithm.state_dict()
         return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take back what _trainer_state saved (and the step count)."""
+        self.global_step, self.consumed = state["step"], state["consumed"]
+        self.nonfinite.load_state(state)
+        self.window.reset()
+        if self.accelerator.is_main_process:
+            self.window.load_state(state.get("window", {}))
 
     def save(self) -> Path | None:
         """Write checkpoints/step-N (see train.checkpoint for the format of each engine)."""
@@ -340,13 +330,7 @@ class Trainer:
         else:
             state = load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler,
                                     acc.process_index)
-        self.global_step, self.consumed = state["step"], state["consumed"]
-        self.nonfinite.load_state(state)
-        self.window.reset()
-        if acc.is_main_process:
-            self.window.load_state(state.get("window", {}))
-        if "algorithm" in state:
-            self.algorithm.load_state_dict(state["algorithm"])
+        self._restore(state)
         acc.print(f"resumed from {path} at step {self.global_step}")
 
     # -- the loop ---------------------------------------------------------------------

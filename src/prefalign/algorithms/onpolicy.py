@@ -1,0 +1,224 @@
+"""The on-policy loop: PPO (and the critic-free methods to come) on one engine.
+
+Each training step is one iteration over a batch of prompts, read top to bottom in
+`OnPolicyTrainer._train_step`:
+  1. rollout     sample `samples_per_prompt` responses per prompt (generation.generate:
+                 KV cache, stop strings, EOS);
+  2. rewards     the scorer's score of each (prompt, response);
+  3. log-probs   one no-grad pass of the trained model on the update's micro-batches (the
+                 algorithm's `rollout_pass`: old token log-probs, and e.g. PPO's values),
+                 and the reference's token log-probs (algorithms.reference);
+  4. advantages  the algorithm's choice (`advantages(rollout)`), which returns the
+                 iteration's metrics;
+  5. updates     `epochs` passes over the rollout, each `mini_batches` optimizer updates
+                 through the public `Trainer.step`; the algorithm may stop them early;
+  6. log         the metrics join the step's window; samples.jsonl gets a few samples.
+Trainer.train then logs, checkpoints and resumes exactly as for the offline loop; the
+algorithm's own state (e.g. an adaptive KL coefficient) rides in the checkpoint.
+
+An algorithm is a small object (`OnPolicyAlgorithm`): its reference, rollout settings, `collate` and
+`units` of the rollout rows, `rollout_pass`, `advantages`, `compute_loss`, `stop_early`,
+and its state. Under data parallelism every process samples its share of the prompts with
+its own seed; the algorithm reduces its statistics across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from prefalign.batches import RolloutBatch
+from prefalign.generation import SamplingConfig, generate
+from prefalign.logprobs import LogpsModel
+from prefalign.scoring import row_columns
+from prefalign.train.loop import Trainer, TrainResult
+from prefalign.train.run import Run
+from prefalign.train.window import Features, Share, process_shares
+
+
+class OnPolicyAlgorithm(Protocol):
+    progress_keys: tuple[str, ...]
+    reference: Any  # the Reference from make_reference: token log-probs to stay close to
+    samples_per_prompt: int  # G responses sampled per prompt
+    epochs: int  # update passes over each rollout
+    mini_batches: int  # optimizer updates per pass
+
+    def collate(self, rows: Features) -> RolloutBatch: ...
+
+    def units(self, rows: Features) -> float: ...
+
+    def rollout_pass(self, model: torch.nn.Module, batch: RolloutBatch) -> dict[str, Tensor]:
+        """No-grad: per-token (B, T) or per-row (B,) values kept on each row, among them
+        "old_token_logps"."""
+
+    def advantages(self, rollout: Rollout) -> dict[str, Any]:
+        """Set each row's advantages (and e.g. returns); return the iteration's metrics."""
+
+    def compute_loss(self, model: torch.nn.Module, batch: RolloutBatch
+                     ) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def stop_early(self) -> bool:
+        """After each update: whether to end this rollout's updates."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples: per sample its prompt row, response text and row of
+    tensors (input_ids, attention_mask, completion_mask, finished, then the log-prob
+    passes' values and the advantages), and the scorer's raw scores (N,)."""
+
+    prompts: list[dict[str, Any]]
+    texts: list[str]
+    rows: list[dict[str, Any]]
+    scores: Tensor | None = None
+
+
+def rollout_row(generation) -> dict[str, Any]:
+    """A sampled sequence as a row: prompt + response ids, the completion mask on the
+    response, and whether it ended with EOS or a stop string."""
+    ids = torch.tensor(generation.prompt_ids + generation.response_ids)
+    completion = torch.zeros(len(ids), dtype=torch.bool)
+    completion[len(generation.prompt_ids):] = True
+    return {"input_ids": ids, "attention_mask": torch.ones(len(ids), dtype=torch.long),
+            "completion_mask": completion, "finished": generation.finished}
+
+
+class OnPolicyTrainer(Trainer):
+    """The loop of Trainer (logging, checkpoints, exact resume) with a step that rolls out
+    and updates. train_features are prompts; `policy` is the causal LM that samples and
+    that the reference reads (the trained `model` may wrap it, e.g. with a value head)."""
+
+    def __init__(self, config: Any, model: torch.nn.Module, algorithm: OnPolicyAlgorithm,
+                 prompts: Features, eval_features: Features | None = None,
+                 accelerator: Any = None, *, policy: torch.nn.Module, tokenizer: Any,
+                 scorer: Callable, samples_path: Path | None = None) -> None:
+        self.policy, self.tokenizer, self.scorer = policy, tokenizer, scorer
+        self.samples_path = samples_path
+        super().__init__(config, model, algorithm, prompts, eval_features, accelerator)
+
+    @property
+    def global_batch(self) -> int:
+        """Prompts per iteration, over every process: each mini-batch one optimizer step."""
+        return super().global_batch * self.algorithm.mini_batches
+
+    # -- one iteration --------------------------------------------------------------------
+    def _train_step(self) -> None:
+        prompts, ids = self._next_prompts()
+        self.model.train()
+        rollout = self.sample(prompts)  # 1. rollout
+        rollout.scores = self.score(rollout)  # 2. rewards
+        self.rollout_logps(rollout)  # 3. old and reference token log-probs
+        metrics = self.algorithm.advantages(rollout)  # 4. advantages
+        self.write_samples(rollout)
+        metrics.update(self.update(rollout.rows, ids))  # 5. updates
+        self.window.add(metrics, weight=1.0)  # 6. log (Trainer.train writes it)
+        self.scheduler.step()
+        self.global_step += 1
+
+    def _next_prompts(self) -> tuple[Features, list[int]]:
+        """This process's prompts of the next window, and the window's positions."""
+        order = self._next_order()
+        window = [self.train_features[i] for i in order]
+        procs = self.accelerator.num_processes
+        # Rollouts need equally many prompts on every process (their statistics are
+        # global): top a short window up with its own prompts, each one more sample.
+        window += [window[i % len(window)] for i in range(-len(window) % procs)]
+        shares, _ = process_shares(window, self.config.batch_size, procs,
+                                   self.accelerator.process_index, lambda f: float(len(f)))
+        return [f for share in shares for f in share.features], order
+
+    @torch.no_grad()
+    def sample(self, prompts: Features) -> Rollout:
+        c, acc = self.config, self.accelerator
+        prompts = [p for p in prompts for _ in range(self.algorithm.samples_per_prompt)]
+        # Each process and iteration samples with its own seed, a function of the step.
+        seed = c.seed * 100_003 + self.global_step * acc.num_processes + acc.process_index
+        sampling = SamplingConfig.of(c, seed=seed, batch_size=c.batch_size)
+        gens = generate(self.policy, self.tokenizer, [p["prompt"] for p in prompts],
+                        sampling, progress=False)
+        return Rollout(prompts, [g.text for g in gens], [rollout_row(g) for g in gens])
+
+    def score(self, rollout: Rollout) -> Tensor:
+        prompts = rollout.prompts
+        scores = self.scorer([p["prompt"] for p in prompts], rollout.texts, row_columns(prompts))
+        return torch.tensor(scores, dtype=torch.float32)
+
+    @torch.no_grad()
+    def rollout_logps(self, rollout: Rollout) -> None:
+        """The algorithm's pass and the reference's token log-probs (at the sampling
+        temperature), on the micro-batches of the first update: its ratio is exactly 1."""
+        c, acc = self.config, self.accelerator
+        policy = LogpsModel(self.policy)
+        for start in range(0, len(rollout.rows), c.batch_size):
+            part = rollout.rows[start : start + c.batch_size]
+            batch = self.algorithm.collate(part).to(acc.device)
+            with acc.autocast():
+                values = self.algorithm.rollout_pass(self.model, batch)
+                ref = self.algorithm.reference.score(policy, *batch.inputs(),
+                                                     temperature=c.temperature)
+            values["ref_token_logps"] = ref.token_logps
+            for i, row in enumerate(part):
+                n = len(row["input_ids"])
+                for key, value in values.items():
+                    row[key] = value[i, :n].float().cpu() if value.dim() == 2 else float(value[i])
+
+    def update(self, rows: Features, ids: list[int]) -> dict[str, Any]:
+        """`epochs` passes over the rows, each cut into mini-batches of batch_size x
+        grad_accum rows per process, one optimizer update each."""
+        c, algo = self.config, self.algorithm
+        size = c.batch_size * c.grad_accum
+        procs = self.accelerator.num_processes
+        rng = random.Random(c.seed * 7919 + self.global_step + 1)
+        for epoch in range(algo.epochs):
+            # Epoch 0 keeps the rollout's order: its first micro-batches are exactly those
+            # the old log-probs were computed on.
+            order = list(range(len(rows))) if epoch == 0 else rng.sample(range(len(rows)), len(rows))
+            for start in range(0, len(rows), size):
+                chosen = [rows[i] for i in order[start : start + size]]
+                shares = [Share(chosen[i : i + c.batch_size], algo.units(chosen[i : i + c.batch_size]))
+                          for i in range(0, len(chosen), c.batch_size)]
+                self.step(shares, float(len(chosen) * procs), ids)
+                if algo.stop_early():
+                    return {"policy/early_stop_epoch": epoch}
+        return {}
+
+    def write_samples(self, rollout: Rollout) -> None:
+        """A few samples of every logging_steps-th iteration into samples.jsonl."""
+        c = self.config
+        if (self.samples_path is None or not self.accelerator.is_main_process
+                or self.global_step % c.logging_steps):
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            for p, t, s in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist())
+                                )[: c.num_samples]:
+                handle.write(json.dumps({"step": self.global_step + 1, "prompt": p["prompt"],
+                                         "response": t, "score": s}) + "\n")
+
+    # -- checkpoints: the algorithm's state rides in the trainer state ---------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {**super()._trainer_state(), "algorithm": self.algorithm.state_dict()}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        super()._restore(state)
+        self.algorithm.load_state_dict(state["algorithm"])
+
+
+def fit_on_policy(run: Run, algorithm: OnPolicyAlgorithm, prompts: Features, *,
+                  model: torch.nn.Module, scorer: Callable,
+                  extra: Callable[[Path], None] | None = None) -> TrainResult:
+    """Run.fit with the on-policy loop over `prompts` (run.model samples), then OUTPUT/final."""
+    trainer = partial(OnPolicyTrainer, policy=run.model, tokenizer=run.tokenizer, scorer=scorer,
+                      samples_path=run.output_dir / "samples.jsonl")
+    return run.fit(algorithm, prompts, [], trainer_cls=trainer, model=model, extra=extra)
