@@ -140,3 +140,17 @@ class RegressionBatch(Batch):
 def regression_batch(features: list[dict]) -> RegressionBatch:
     return RegressionBatch(torch.tensor([f["x"] for f in features]),
                            torch.tensor([f["y"] for f in features]))
+
+
+def run_cli(capsys, argv):
+    """`prefalign ARGV` in this process -> (exit code, stdout, stderr); argparse's exits
+    count as exit codes."""
+    from prefalign.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

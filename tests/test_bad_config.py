@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers import preference_rows, write_jsonl
+from helpers import run_cli as run
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.cli import main
 from prefalign.config import build_config
@@ -18,17 +19,6 @@ from prefalign.tiny import build_model, build_tokenizer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "p.jsonl", preference_rows(4))
-
-
-def run(capsys, argv):
-    """prefalign ARGV in this process -> (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def trainer_argv(command, model_dir, data, out_dir, *extra):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from helpers import run_cli
 from prefalign import cli
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.algorithms.iterate import IterateConfig
@@ -82,12 +83,9 @@ ADDED = {"sft": {"--lr"}, "ppo": {"--top-k"}, "iterate": {"--top-k", "--stop-str
 
 
 def run(capsys, argv):
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    """prefalign ARGV in this process -> (exit code, stderr)."""
+    code, _, err = run_cli(capsys, argv)
+    return code, err
 
 
 def trainer_parsers():

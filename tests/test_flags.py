@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import run_cli
 from prefalign import cli
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.config import config_from_args
@@ -15,12 +16,8 @@ from prefalign.config import config_from_args
 
 def run(capsys, argv):
     """prefalign ARGV in this process -> (exit code, stderr)."""
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, argv)
+    return code, err
 
 
 def leaf_parsers(parser, words=()):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import preference_rows, write_jsonl
-from prefalign.cli import main
+from helpers import run_cli as run
 from prefalign.data import load_preferences
 from prefalign.data import sources as sources_module
 from prefalign.data.prompts import load_prompts
@@ -22,17 +22,6 @@ from prefalign.preferences import annotate, judge
 from prefalign.preferences.merge import merge_preferences
 
 ROW = {"prompt": "The film 1:", "chosen": " was great fun.", "rejected": " was awful."}
-
-
-def run(capsys, argv):
-    """prefalign ARGV in this process -> (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line(code, err, start, *words):

@@ -8,18 +8,7 @@ import pytest
 import yaml
 
 from helpers import ScriptedServer, write_jsonl
-from prefalign.cli import main
-
-
-def run(capsys, argv):
-    """prefalign ARGV in this process -> (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import run_cli as run
 
 
 def write_yaml(path, values):
