@@ -52,6 +52,8 @@ TRAINERS = {
                "train a reward model (Bradley-Terry) on preference pairs"),
     "ppo": ("prefalign.algorithms.ppo", "PPOConfig", "run_ppo",
             "PPO against a reward model or a scoring function"),
+    "grpo": ("prefalign.algorithms.grpo", "GRPOConfig", "run_grpo",
+             "GRPO: group-relative advantages over G samples per prompt, no critic"),
     "iterate": ("prefalign.algorithms.iterate", "IterateConfig", "run_iterate",
                 "iterative DPO: rounds of sampling from the policy, scoring and DPO"),
 }

@@ -1,4 +1,4 @@
-"""The on-policy loop: PPO (and the critic-free methods to come) on one engine.
+"""The on-policy loop: PPO and GRPO (algorithms.ppo, algorithms.grpo) on one engine.
 
 Each training step is one iteration over a batch of prompts, read top to bottom in
 `OnPolicyTrainer._train_step`:
@@ -7,7 +7,8 @@ Each training step is one iteration over a batch of prompts, read top to bottom 
   2. rewards     the scorer's score of each (prompt, response);
   3. log-probs   one no-grad pass of the trained model on the update's micro-batches (the
                  algorithm's `rollout_pass`: old token log-probs, and e.g. PPO's values),
-                 and the reference's token log-probs (algorithms.reference);
+                 and the reference's token log-probs (algorithms.reference; none when
+                 the algorithm has no reference);
   4. advantages  the algorithm's choice (`advantages(rollout)`), which returns the
                  iteration's metrics;
   5. updates     `epochs` passes over the rollout, each `mini_batches` optimizer updates
@@ -166,9 +167,10 @@ class OnPolicyTrainer(Trainer):
             batch = self.algorithm.collate(part).to(acc.device)
             with acc.autocast():
                 values = self.algorithm.rollout_pass(self.model, batch)
-                ref = self.algorithm.reference.score(policy, *batch.inputs(),
-                                                     temperature=c.temperature)
-            values["ref_token_logps"] = ref.token_logps
+                # No reference (e.g. GRPO with beta 0): its forward would be thrown away.
+                if self.algorithm.reference is not None:
+                    values["ref_token_logps"] = self.algorithm.reference.score(
+                        policy, *batch.inputs(), temperature=c.temperature).token_logps
             for i, row in enumerate(part):
                 n = len(row["input_ids"])
                 for key, value in values.items():
@@ -179,7 +181,6 @@ class OnPolicyTrainer(Trainer):
         grad_accum rows per process, one optimizer update each."""
         c, algo = self.config, self.algorithm
         size = c.batch_size * c.grad_accum
-        procs = self.accelerator.num_processes
         rng = random.Random(c.seed * 7919 + self.global_step + 1)
         for epoch in range(algo.epochs):
             # Epoch 0 keeps the rollout's order: its first micro-batches are exactly those
@@ -189,10 +190,19 @@ class OnPolicyTrainer(Trainer):
                 chosen = [rows[i] for i in order[start : start + size]]
                 shares = [Share(chosen[i : i + c.batch_size], algo.units(chosen[i : i + c.batch_size]))
                           for i in range(0, len(chosen), c.batch_size)]
-                self.step(shares, float(len(chosen) * procs), ids)
+                self.step(shares, self._global_units(shares), ids)
                 if algo.stop_early():
                     return {"policy/early_stop_epoch": epoch}
         return {}
+
+    def _global_units(self, shares: list[Share]) -> float:
+        """The update's units over every process (e.g. completion tokens for a token-sum
+        loss), so that Trainer.step's weights units / total make accumulation exact."""
+        total = torch.tensor(sum(s.units for s in shares), dtype=torch.float64)
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
+        return float(total)
 
     def write_samples(self, rollout: Rollout) -> None:
         """A few samples of every logging_steps-th iteration into samples.jsonl."""

@@ -1,0 +1,159 @@
+"""GRPO end to end on a tiny model with a rule-based reward: the first update's ratio is 1,
+groups stay together, the reward rises, resume equals an uninterrupted run, the CLI."""
+
+import dataclasses
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import run_cli, write_jsonl
+from prefalign.algorithms import grpo as grpo_module
+from prefalign.algorithms.grpo import GRPO, GRPOConfig, run_grpo
+from prefalign.algorithms.onpolicy import Rollout
+
+
+def letter_e(prompt: str, response: str) -> float:
+    """Share of the response's characters that are 'e': easy to raise by shifting logits."""
+    return response.count("e") / max(len(response), 1)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    rows = [{"prompt": f"Review {i}: The film"} for i in range(64)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def config(tmp_path, model_dir, data, **kw):
+    base = dict(model=str(model_dir), data=data, output_dir=str(tmp_path / "out"), batch_size=4,
+                grad_accum=1, max_steps=2, learning_rate=5e-3, lora_r=8, logging_steps=1,
+                warmup_ratio=0.0, max_new_tokens=8, temperature=1.0, num_generations=4, seed=3,
+                lr_scheduler="constant")
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_first_update_of_each_rollout_has_ratio_one(tmp_path, tiny_model_dir, prompts,
+                                                    monkeypatch):
+    """Every rollout's first micro-batch reads the policy that sampled it: ratio exactly 1,
+    no clipping; later updates of the rollout see a moved policy."""
+    seen = []
+    original = grpo_module.grpo_policy_loss
+
+    def spy(token_logps, old_token_logps, advantages, mask, **kw):
+        losses, stats = original(token_logps, old_token_logps, advantages, mask, **kw)
+        gap = ((token_logps - old_token_logps) * mask).abs().max().item()
+        seen.append({"gap": gap, **{k: float(v) for k, v in stats.items()}})
+        return losses, stats
+
+    monkeypatch.setattr(grpo_module, "grpo_policy_loss", spy)
+    run_grpo(config(tmp_path, tiny_model_dir, prompts, max_steps=2, batch_size=2, grad_accum=2,
+                    beta=0.1, num_iterations=2), scorer=letter_e)
+    # Per rollout: G * num_iterations updates of grad_accum micro-batches each.
+    per_rollout = 4 * 2 * 2
+    assert len(seen) == 2 * per_rollout
+    assert seen[0]["kl"] == 0.0  # the reference (adapters off) is the starting policy
+    assert seen[per_rollout]["kl"] > 0  # and the second rollout's policy has moved from it
+    # Both micro-batches of the first update, of each rollout.
+    for first in (seen[0], seen[1], seen[per_rollout], seen[per_rollout + 1]):
+        assert first["gap"] == 0.0
+        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert first[key] == 0.0, key
+    assert any(m["gap"] > 0 for m in seen[2:per_rollout])
+
+
+def test_g_rows_of_one_prompt_share_one_group():
+    """Rows come as G consecutive samples per prompt; each group is centred on its own mean."""
+    cfg = GRPOConfig(model="m", num_generations=3, scale_rewards="none")
+    acc = SimpleNamespace(num_processes=1, process_index=0)
+    algo = GRPO(cfg, 0, acc)
+    rows = [{"completion_mask": torch.tensor([False, True, True]), "finished": True}
+            for _ in range(6)]
+    rollout = Rollout([{"prompt": p} for p in "aaabbb"], ["x"] * 6, rows,
+                      torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]))
+    metrics = algo.advantages(rollout)
+    assert [r["advantages"] for r in rows] == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert metrics["frac_reward_zero_std"] == pytest.approx(0.5)
+    assert metrics["reward"] == pytest.approx(3.5)
+    assert metrics["completions/mean_length"] == 2.0
+    assert metrics["completions/clipped_ratio"] == 0.0
+
+
+def fake_model(input_ids, attention_mask, completion_mask, temperature=1.0):
+    """Token log-probs as a fixed function of the ids, on the completion tokens."""
+    mask = completion_mask.bool() & attention_mask.bool()
+    mask[:, 0] = False
+    return SimpleNamespace(token_logps=-0.1 * input_ids.float() * mask, mask=mask)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_micro_batches_weighted_by_units_equal_one_batch(loss_type):
+    """Trainer.step weights micro-batch k by units_k / sum(units): for dapo that must give
+    the token sum over the whole update's tokens, for the others the mean over rows."""
+    cfg = GRPOConfig(model="m", num_generations=2, loss_type=loss_type, max_new_tokens=6)
+    algo = GRPO(cfg, 0, SimpleNamespace(num_processes=1, process_index=0))
+    rows = []
+    for i, n in enumerate([1, 5, 2, 6]):  # completions of unequal lengths
+        ids = torch.arange(3 + n) + i
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(3 + n, dtype=torch.long),
+                     "completion_mask": torch.arange(3 + n) >= 3, "finished": True,
+                     "old_token_logps": -0.12 * ids.float(), "advantages": float(i) - 1.5})
+    whole, _ = algo.compute_loss(fake_model, algo.collate(rows))
+    parts = [rows[:2], rows[2:]]
+    units = [algo.units(p) for p in parts]
+    accumulated = sum(algo.compute_loss(fake_model, algo.collate(p))[0] * u / sum(units)
+                      for p, u in zip(parts, units))
+    if loss_type == "bnpo":  # TRL's bnpo: a token mean per micro-batch, then averaged
+        assert accumulated != pytest.approx(whole.item())
+    else:
+        assert accumulated.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_grpo_raises_the_reward(tmp_path, tiny_model_dir, prompts):
+    """Full fine-tuning (a random model's LM head must move); the mean reward rises."""
+    result = run_grpo(config(tmp_path, tiny_model_dir, prompts, max_steps=12, lora_r=0,
+                             learning_rate=3e-3, batch_size=8), scorer=letter_e)
+    rewards = [r["reward"] for r in result.history]
+    early, late = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert late > early + 0.05, rewards
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "loss"):
+        assert key in result.history[-1], key
+    assert "kl" not in result.history[-1]  # beta 0: no reference, no KL
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts):
+    """dapo (the default): its loss units are tokens, weighted over each update."""
+    kw = dict(max_steps=4, num_generations=2, batch_size=2, grad_accum=2)
+    full = run_grpo(config(tmp_path / "a", tiny_model_dir, prompts, **kw), scorer=letter_e)
+    part_cfg = config(tmp_path / "b", tiny_model_dir, prompts, save_steps=2, **kw)
+    run_grpo(part_cfg, scorer=letter_e)
+    shutil.rmtree(tmp_path / "b" / "out" / "checkpoints" / "step-0000004")
+    resumed = run_grpo(dataclasses.replace(part_cfg, resume=True), scorer=letter_e)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for a, b in zip(full.history[2:], resumed.history):
+        assert set(a) == set(b)
+        for key in a:
+            if key != "elapsed_s":
+                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_help_lists_the_grpo_section(capsys):
+    code, out, _ = run_cli(capsys, ["grpo", "--help"])
+    assert code == 0
+    assert "\ngrpo:\n" in out
+    for flag in ("--num-generations", "--loss-type", "--epsilon-high", "--scale-rewards",
+                 "--importance-sampling-level", "--num-iterations",
+                 "--mask-truncated-completions", "--reward-fn", "--reward-model", "--beta"):
+        assert flag in out, flag
+
+
+def test_one_generation_is_refused_in_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["grpo", "--model", "m", "--data", "d", "--reward-fn", "x",
+                                    "--output-dir", tmp_path / "o", "--num-generations", "1"])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "num_generations" in err and "Traceback" not in err
