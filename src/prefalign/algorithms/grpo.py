@@ -24,12 +24,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from prefalign.algorithms.onpolicy import Rollout, fit_on_policy
-from prefalign.algorithms.ppo import PPOOptions, _require_scorer
+from prefalign.algorithms.onpolicy import (
+    Rollout,
+    fit_on_policy,
+    open_on_policy_run,
+    rollout_scorer,
+)
+from prefalign.algorithms.ppo import PPOOptions
 from prefalign.algorithms.reference import make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
-from prefalign.errors import ConfigError
 from prefalign.generation import SamplingOptions
 from prefalign.logprobs import LogpsModel
 from prefalign.losses import (
@@ -39,8 +43,6 @@ from prefalign.losses import (
     grpo_policy_loss,
 )
 from prefalign.rl import SCALE_REWARDS, frac_reward_zero_std, group_advantages
-from prefalign.scoring import TextPrompts, load_scorer
-from prefalign.train.run import Run
 from prefalign.train.sections import (
     MergeOption,
     ModelOptions,
@@ -227,18 +229,8 @@ def run_grpo(config: GRPOConfig, accelerator=None, scorer: Callable | None = Non
     scorer: a Python function (prompts, responses) -> scores (or one taking a single
     pair), used instead of config.reward_model / reward_fn.
     """
-    from prefalign.train.distributed import shards_parameters
-
-    _require_scorer(config, scorer)
-    run = Run.open(config, accelerator)
-    prompts, _ = run.load_prompts(config.data)
-    run.load_model()
-    if shards_parameters(run.accelerator):
-        raise ConfigError("GRPO does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling needs "
-                          "the whole policy on every process. Use DDP or ZeRO-2 (see "
-                          "docs/distributed.md)")
-    score = TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
-                        run.tokenizer)
+    run, prompts = open_on_policy_run(config, accelerator, scorer, "GRPO")
+    score = rollout_scorer(run, config, scorer)
     reference = make_reference(run, config) if config.beta > 0 else None
     algorithm = GRPO(config, run.tokenizer.pad_token_id, run.accelerator, reference)
     model = LogpsModel(run.model, chunk_size=config.logps_chunk_size)

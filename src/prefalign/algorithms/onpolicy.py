@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from prefalign.batches import RolloutBatch
+from prefalign.errors import ConfigError
 from prefalign.generation import SamplingConfig, generate
 from prefalign.logprobs import LogpsModel
 from prefalign.scoring import row_columns
@@ -232,3 +233,37 @@ def fit_on_policy(run: Run, algorithm: OnPolicyAlgorithm, prompts: Features, *,
     trainer = partial(OnPolicyTrainer, policy=run.model, tokenizer=run.tokenizer, scorer=scorer,
                       samples_path=run.output_dir / "samples.jsonl")
     return run.fit(algorithm, prompts, [], trainer_cls=trainer, model=model, extra=extra)
+
+
+def open_on_policy_run(config: Any, accelerator: Any, scorer: Callable | None, name: str
+                       ) -> tuple[Run, list[dict]]:
+    """What every on-policy trainer does first: check that something scores the rollouts
+    (a reward model is checked before the minutes the policy takes to load), open the run,
+    load the prompts and the policy; sharded engines are refused."""
+    from prefalign.train.distributed import shards_parameters
+
+    if not (scorer or config.reward_model or config.reward_fn):
+        raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
+                          "model directory or a scorer spec (module:function, a built-in)")
+    if not scorer and config.reward_model:
+        from prefalign.models import check_reward_model
+
+        check_reward_model(config.reward_model)
+    run = Run.open(config, accelerator)
+    prompts, _ = run.load_prompts(config.data)
+    run.load_model()
+    if shards_parameters(run.accelerator):
+        # Sampling runs the unwrapped policy, which under FSDP / ZeRO-3 holds only a shard.
+        raise ConfigError(f"{name} does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling "
+                          "needs the whole policy on every process. Use DDP or ZeRO-2 (see "
+                          "docs/distributed.md)")
+    return run, prompts
+
+
+def rollout_scorer(run: Run, config: Any, scorer: Callable | None) -> Callable:
+    """The scorer of the rollouts: `scorer` (a Python function), else the reward model or
+    reward_fn spec; chat prompts reach it rendered as text."""
+    from prefalign.scoring import TextPrompts, load_scorer
+
+    return TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
+                       run.tokenizer)

@@ -22,11 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from prefalign.algorithms.onpolicy import Rollout, fit_on_policy
+from prefalign.algorithms.onpolicy import Rollout, fit_on_policy, open_on_policy_run, rollout_scorer
 from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
-from prefalign.errors import ConfigError
 from prefalign.generation import SamplingOptions
 from prefalign.losses import ppo_policy_loss, ppo_value_loss
 from prefalign.masked import masked_mean, masked_whiten
@@ -39,7 +38,6 @@ from prefalign.rl import (
     kl_estimate,
     shaped_rewards,
 )
-from prefalign.scoring import TextPrompts, load_scorer
 from prefalign.train.run import Run
 from prefalign.train.sections import (
     MergeOption,
@@ -291,36 +289,14 @@ def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None)
     pair), used instead of config.reward_model / reward_fn.
     """
     from prefalign.models import save_value_head
-    from prefalign.train.distributed import shards_parameters
 
-    _require_scorer(config, scorer)
-    run = Run.open(config, accelerator)
-    prompts, _ = run.load_prompts(config.data)
-    run.load_model()
-    if shards_parameters(run.accelerator):
-        # Sampling runs the unwrapped policy, which under FSDP / ZeRO-3 holds only a shard.
-        raise ConfigError("PPO does not run under FSDP or DeepSpeed ZeRO-3 yet: sampling needs "
-                          "the whole policy on every process. Use DDP or ZeRO-2 (see "
-                          "docs/distributed.md)")
+    run, prompts = open_on_policy_run(config, accelerator, scorer, "PPO")
     module = policy_with_value(run, config)
-    score = TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
-                        run.tokenizer)
+    score = rollout_scorer(run, config, scorer)
     algorithm = PPO(config, run.tokenizer.pad_token_id, run.accelerator,
                     make_reference(run, config))
     return fit_on_policy(run, algorithm, prompts, model=module, scorer=score,
                          extra=lambda directory: save_value_head(module.value_head, directory))
-
-
-def _require_scorer(config: PPOConfig, scorer: Callable | None) -> None:
-    """What scores the rollouts must be given, and a reward model checked before minutes
-    of loading the policy."""
-    if not (scorer or config.reward_model or config.reward_fn):
-        raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
-                          "model directory or a scorer spec (module:function, a built-in)")
-    if not scorer and config.reward_model:
-        from prefalign.models import check_reward_model
-
-        check_reward_model(config.reward_model)
 
 
 def policy_with_value(run: Run, config: PPOConfig):
