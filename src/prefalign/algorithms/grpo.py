@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from prefalign.algorithms.onpolicy import (
+    OnPolicyConfig,
     Rollout,
     fit_on_policy,
     open_on_policy_run,
@@ -43,13 +44,6 @@ from prefalign.losses import (
     grpo_policy_loss,
 )
 from prefalign.rl import SCALE_REWARDS, frac_reward_zero_std, group_advantages
-from prefalign.train.sections import (
-    MergeOption,
-    ModelOptions,
-    OptimOptions,
-    PromptDataOptions,
-    RunOptions,
-)
 
 
 @dataclass(frozen=True)
@@ -92,25 +86,15 @@ class GRPOOptions(Section):
 
 
 @dataclass(frozen=True)
-class GRPOConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
-                 SamplingOptions, GRPOOptions):
+class GRPOConfig(OnPolicyConfig, GRPOOptions):
     """`prefalign grpo`: model, prompts, optim, run, sampling and the grpo section. As for
     PPO, no eval set and no truncation: prompts are sampled from as they are. batch_size
     counts prompts; each iteration samples G responses for each."""
 
     COMMAND = "grpo"
-    group_by_length: ClassVar[bool] = False
 
-    data: str = option_like(PromptDataOptions, "data", "",
-                            "prompts to sample from: JSONL, JSON, Parquet, CSV or a datasets "
-                            "folder (rows with prompt or messages, or preference rows)")
-    max_new_tokens: int = option_like(SamplingOptions, "max_new_tokens", 64)
     temperature: float = option_like(SamplingOptions, "temperature", 1.0,
                                      "sampling temperature (> 0: GRPO needs sampling)")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.temperature > 0, "temperature", "must be > 0 (GRPO needs sampling)")
 
 
 @dataclass

@@ -31,19 +31,49 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from prefalign.batches import RolloutBatch
+from prefalign.config import option_like, require
 from prefalign.errors import ConfigError
-from prefalign.generation import SamplingConfig, generate
+from prefalign.generation import SamplingConfig, SamplingOptions, generate
 from prefalign.logprobs import LogpsModel
 from prefalign.scoring import row_columns
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.run import Run
+from prefalign.train.sections import (
+    MergeOption,
+    ModelOptions,
+    OptimOptions,
+    PromptDataOptions,
+    RunOptions,
+)
 from prefalign.train.window import Features, Share, process_shares
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
+                     SamplingOptions):
+    """The sections every on-policy command composes with its own (PPOConfig, GRPOConfig):
+    model, prompts, optim, run, sampling. No eval set and no truncation or length options:
+    prompts are sampled from as they are. A command sets COMMAND and may redeclare the
+    temperature default with option_like."""
+
+    # The loop's length grouping has no lengths to group prompts by.
+    group_by_length: ClassVar[bool] = False
+
+    data: str = option_like(PromptDataOptions, "data", "",
+                            "prompts to sample from: JSONL, JSON, Parquet, CSV or a datasets "
+                            "folder (rows with prompt or messages, or preference rows)")
+    max_new_tokens: int = option_like(SamplingOptions, "max_new_tokens", 64)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.temperature > 0, "temperature",
+                f"must be > 0 ({self.COMMAND.upper()} needs sampling)")
 
 
 class OnPolicyAlgorithm(Protocol):

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from prefalign.algorithms.onpolicy import Rollout, fit_on_policy, open_on_policy_run, rollout_scorer
+from prefalign.algorithms.onpolicy import (
+    OnPolicyConfig,
+    Rollout,
+    fit_on_policy,
+    open_on_policy_run,
+    rollout_scorer,
+)
 from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
@@ -39,13 +45,6 @@ from prefalign.rl import (
     shaped_rewards,
 )
 from prefalign.train.run import Run
-from prefalign.train.sections import (
-    MergeOption,
-    ModelOptions,
-    OptimOptions,
-    PromptDataOptions,
-    RunOptions,
-)
 
 
 @dataclass(frozen=True)
@@ -98,25 +97,14 @@ class PPOOptions(Section):
 
 
 @dataclass(frozen=True)
-class PPOConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
-                SamplingOptions, PPOOptions):
+class PPOConfig(OnPolicyConfig, PPOOptions):
     """`prefalign ppo`: model, prompts, optim, run, sampling and the ppo section. No eval
     set, and no truncation or length options: prompts are sampled from as they are."""
 
     COMMAND = "ppo"
-    # The loop's length grouping has no lengths to group prompts by.
-    group_by_length: ClassVar[bool] = False
 
-    data: str = option_like(PromptDataOptions, "data", "",
-                            "prompts to sample from: JSONL, JSON, Parquet, CSV or a datasets "
-                            "folder (rows with prompt or messages, or preference rows)")
-    max_new_tokens: int = option_like(SamplingOptions, "max_new_tokens", 64)
     temperature: float = option_like(SamplingOptions, "temperature", 0.7,
                                      "sampling temperature (> 0: PPO needs sampling)")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.temperature > 0, "temperature", "must be > 0 (PPO needs sampling)")
 
 
 class PPO:
