@@ -154,3 +154,16 @@ def run_cli(capsys, argv):
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def letter_e(prompt: str, response: str) -> float:
+    """A rule-based reward for the on-policy tests: the share of the response's characters
+    that are 'e', easy for a tiny model to raise by shifting logits."""
+    return response.count("e") / max(len(response), 1)
+
+
+def write_review_prompts(tmp_path) -> str:
+    """64 prompt rows ("Review i: The film") as JSONL, the on-policy tests' data."""
+    rows = [{"prompt": f"Review {i}: The film"} for i in range(64)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+

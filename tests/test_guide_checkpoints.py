@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import preference_rows, write_jsonl
+from helpers import letter_e, preference_rows, write_jsonl
 from prefalign.algorithms.dpo import DPOConfig, run_dpo
 from prefalign.algorithms.ppo import PPO, PPOConfig, run_ppo
 from prefalign.algorithms.reward import RewardConfig, run_reward
@@ -245,10 +245,6 @@ def test_value_head_and_centred_advantages():
     assert advantages[mask].std().item() == pytest.approx(1.0, abs=1e-3)
     assert not advantages[~mask].any() and not returns[~mask].any()
 
-
-def letter_e(prompt, response):
-    """Share of the response's characters that are 'e': a reward a tiny model can learn."""
-    return response.count("e") / max(len(response), 1)
 
 
 def ppo_config(root, model_dir, data, **kw):

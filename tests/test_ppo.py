@@ -6,19 +6,13 @@ import json
 import pytest
 import torch
 
-from helpers import write_jsonl
+from helpers import letter_e, write_review_prompts
 from prefalign.algorithms.ppo import PPO, PPOConfig, run_ppo
-
-
-def letter_e(prompt: str, response: str) -> float:
-    """Share of the response's characters that are 'e': easy to raise by shifting logits."""
-    return response.count("e") / max(len(response), 1)
 
 
 @pytest.fixture
 def prompts(tmp_path):
-    rows = [{"prompt": f"Review {i}: The film"} for i in range(64)]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+    return write_review_prompts(tmp_path)
 
 
 def config(tmp_path, model_dir, data, **kw):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from helpers import preference_rows, write_jsonl
+from helpers import letter_e, preference_rows, write_jsonl
 from prefalign.algorithms.dpo import DPOConfig, run_dpo
 from prefalign.algorithms.kto import KTOConfig, run_kto
 from prefalign.algorithms.ppo import PPOConfig, run_ppo
@@ -48,9 +48,6 @@ def spies(monkeypatch):
     monkeypatch.setattr(Run, "fit", fit)
     return prepared, algorithms
 
-
-def letter_e(prompt: str, response: str) -> float:
-    return response.count("e") / max(len(response), 1)
 
 
 def run_trainer(kind, tmp_path, model_dir, lora_r):

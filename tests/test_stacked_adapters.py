@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import preference_rows, write_jsonl
+from helpers import letter_e, preference_rows, write_jsonl
 from prefalign.algorithms.dpo import DPOConfig, run_dpo
 from prefalign.algorithms.kto import KTOConfig, run_kto
 from prefalign.algorithms.ppo import PPOConfig, run_ppo
@@ -118,9 +118,6 @@ def test_adapter_naming_an_adapter_base_still_loads_as_every_stage(tmp_path, mak
     assert config["base_model_name_or_path"] == str(base_dir) and config["r"] == 5
     assert_peft_equals(tmp_path / "c", base_dir, expected)
 
-
-def letter_e(prompt, response):
-    return response.count("e") / max(len(response), 1)
 
 
 def test_sft_dpo_kto_ppo_chain_loads_in_peft(tmp_path, tiny_model_dir):
