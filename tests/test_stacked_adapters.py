@@ -39,6 +39,19 @@ def randomize_b(model, seed):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
 
 
+def save_sft_adapter(tmp_path, make_model, tokenizer):
+    """A llama base in tmp_path/base and a LoRA "SFT" stage over it in tmp_path/sft
+    (q_proj, v_proj, r=4, random B); returns the base's directory."""
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    first = load_causal_lm(str(base_dir))
+    apply_lora(first, ["q_proj", "v_proj"], r=4, alpha=8)
+    randomize_b(first, 0)
+    save_policy(first, tokenizer, tmp_path / "sft", base_name=str(base_dir))
+    return base_dir
+
+
 def assert_peft_equals(final, base_dir, expected):
     """PeftModel on the true base and AutoPeftModelForCausalLM both give `expected`."""
     plain = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -162,13 +175,7 @@ def test_resume_of_a_stacked_stage_writes_the_same_combined_adapter(tmp_path, ma
 
     from safetensors.torch import load_file
 
-    base_dir = tmp_path / "base"
-    make_model("llama").save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    first = load_causal_lm(str(base_dir))
-    apply_lora(first, ["q_proj", "v_proj"], r=4, alpha=8)
-    randomize_b(first, 0)
-    save_policy(first, tokenizer, tmp_path / "sft", base_name=str(base_dir))
+    base_dir = save_sft_adapter(tmp_path, make_model, tokenizer)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(16))
 
     def dpo(name, **kw):
@@ -206,13 +213,7 @@ def test_reward_from_an_adapter_writes_a_whole_classification_model(tmp_path, ma
     from prefalign.algorithms.reward import RewardConfig, run_reward
     from prefalign.models import load_reward_model
 
-    base_dir = tmp_path / "base"
-    make_model("llama").save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    first = load_causal_lm(str(base_dir))
-    apply_lora(first, ["q_proj", "v_proj"], r=4, alpha=8)
-    randomize_b(first, 0)
-    save_policy(first, tokenizer, tmp_path / "sft", base_name=str(base_dir))
+    base_dir = save_sft_adapter(tmp_path, make_model, tokenizer)
     run_reward(RewardConfig(model=str(tmp_path / "sft"), data=write_jsonl(
         tmp_path / "p.jsonl", preference_rows(8)), output_dir=str(tmp_path / "rm"), batch_size=4,
         grad_accum=1, max_steps=1, learning_rate=1e-3, lora_r=2, lora_targets=["o_proj"],
