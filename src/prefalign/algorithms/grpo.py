@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from prefalign.algorithms.onpolicy import (
     Rollout,
     fit_on_policy,
     open_on_policy_run,
+    pad_rows,
     rollout_scorer,
 )
 from prefalign.algorithms.ppo import PPOOptions
@@ -135,18 +137,12 @@ class GRPO:
 
     def collate(self, rows: list[dict]) -> GRPOBatch:
         """Rollout rows -> right-padded (B, T) tensors, advantages (B,), keep (B,)."""
-        length = max(len(r["input_ids"]) for r in rows)
-
-        def pad(key: str, value: Any = 0) -> Tensor:
-            out = torch.full((len(rows), length), value, dtype=rows[0][key].dtype)
-            for i, r in enumerate(rows):
-                out[i, : len(r[key])] = r[key]
-            return out
+        pad = partial(pad_rows, rows, length=max(len(r["input_ids"]) for r in rows))
 
         extra = {key: pad(key) for key in ("old_token_logps", "ref_token_logps") if key in rows[0]}
         if "advantages" in rows[0]:
             extra["advantages"] = torch.tensor([r["advantages"] for r in rows])
-        return GRPOBatch(pad("input_ids", self.pad_token_id), pad("attention_mask"),
+        return GRPOBatch(pad("input_ids", value=self.pad_token_id), pad("attention_mask"),
                          pad("completion_mask"), keep=torch.tensor([self._keep(r) for r in rows]),
                          **extra)
 

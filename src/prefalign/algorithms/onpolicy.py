@@ -54,6 +54,15 @@ from prefalign.train.sections import (
 from prefalign.train.window import Features, Share, process_shares
 
 
+def pad_rows(rows: list[dict], key: str, length: int, value: float = 0,
+             dtype: torch.dtype | None = None) -> Tensor:
+    """(len(rows), length): each row's 1-D tensor `key`, right-padded with `value`, in the
+    rows' dtype unless `dtype` is given. The collate of every on-policy algorithm."""
+    out = torch.full((len(rows), length), value, dtype=dtype or rows[0][key].dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row[key])] = row[key]
+    return out
+
 @dataclass(frozen=True)
 class OnPolicyConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
                      SamplingOptions):

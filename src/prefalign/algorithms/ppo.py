@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from prefalign.algorithms.onpolicy import (
     Rollout,
     fit_on_policy,
     open_on_policy_run,
+    pad_rows,
     rollout_scorer,
 )
 from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
@@ -130,17 +132,11 @@ class PPO:
 
     def collate(self, rows: list[dict]) -> RolloutBatch:
         """Rollout rows -> a RolloutBatch of right-padded (B, T) tensors."""
-        length = max(len(r["input_ids"]) for r in rows)
-
-        def pad(key: str, value: Any = 0) -> Tensor:
-            out = torch.full((len(rows), length), value, dtype=rows[0][key].dtype)
-            for i, r in enumerate(rows):
-                out[i, : len(r[key])] = r[key]
-            return out
+        pad = partial(pad_rows, rows, length=max(len(r["input_ids"]) for r in rows))
 
         scored = {key: pad(key) for key in ("old_token_logps", "old_values", "advantages",
                                             "returns") if key in rows[0]}
-        return RolloutBatch(pad("input_ids", self.pad_token_id),
+        return RolloutBatch(pad("input_ids", value=self.pad_token_id),
                             pad("attention_mask"), pad("completion_mask"), **scored)
 
     def rollout_pass(self, model, batch: RolloutBatch) -> dict[str, Tensor]:
@@ -222,7 +218,7 @@ class PPO:
         batch = self.collate(rows)
         mask = batch.completion_mask & batch.attention_mask.bool()
         mask[:, 0] = False
-        pad = lambda key: _pad_key(rows, key, batch.input_ids.shape[1])  # noqa: E731
+        pad = partial(pad_rows, rows, length=batch.input_ids.shape[1], dtype=torch.float32)
         old, ref, values = pad("old_token_logps"), pad("ref_token_logps"), pad("old_values")
         kl = kl_estimate(old, ref, c.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
@@ -261,13 +257,6 @@ class PPO:
             "response_length": tokens / n,
             "eos_fraction": eos_sum / n,
         }, n
-
-
-def _pad_key(rows: list[dict], key: str, length: int) -> Tensor:
-    out = torch.zeros(len(rows), length)
-    for i, r in enumerate(rows):
-        out[i, : len(r[key])] = r[key]
-    return out
 
 
 def run_ppo(config: PPOConfig, accelerator=None, scorer: Callable | None = None):
