@@ -78,8 +78,11 @@ REMOVED = {
     "iterate": {"--ref-model"},
 }
 # New: sft's --lr (its redeclared learning rate had lost the alias); the sampling section's
-# --top-k (ppo, iterate) and --stop-strings (iterate), which their sampling passes on.
-ADDED = {"sft": {"--lr"}, "ppo": {"--top-k"}, "iterate": {"--top-k", "--stop-strings"}}
+# --top-k (ppo, iterate) and --stop-strings (iterate), which their sampling passes on;
+# ppo's --reward-weights (one weight per --reward-fn term) and --generation-engine (what
+# samples the rollouts).
+ADDED = {"sft": {"--lr"}, "ppo": {"--top-k", "--reward-weights", "--generation-engine"},
+         "iterate": {"--top-k", "--stop-strings"}}
 
 
 def run(capsys, argv):

@@ -12,6 +12,7 @@ from helpers import letter_e, run_cli, write_review_prompts
 from prefalign.algorithms import grpo as grpo_module
 from prefalign.algorithms.grpo import GRPO, GRPOConfig, run_grpo
 from prefalign.algorithms.onpolicy import Rollout
+from prefalign.errors import ConfigError
 
 
 @pytest.fixture
@@ -74,11 +75,12 @@ def test_g_rows_of_one_prompt_share_one_group():
     assert metrics["completions/clipped_ratio"] == 0.0
 
 
-def fake_model(input_ids, attention_mask, completion_mask, temperature=1.0):
+def fake_model(input_ids, attention_mask, completion_mask, temperature=1.0, stats=False):
     """Token log-probs as a fixed function of the ids, on the completion tokens."""
     mask = completion_mask.bool() & attention_mask.bool()
     mask[:, 0] = False
-    return SimpleNamespace(token_logps=-0.1 * input_ids.float() * mask, mask=mask)
+    return SimpleNamespace(token_logps=-0.1 * input_ids.float() * mask, mask=mask,
+                           entropy=torch.zeros(mask.shape))
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
@@ -151,3 +153,107 @@ def test_one_generation_is_refused_in_one_line(capsys, tmp_path):
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert "num_generations" in err and "Traceback" not in err
+
+
+def test_unscorable_samples_leave_the_baseline_with_advantage_zero():
+    """TRL: a sample no reward function scored (NaN) is out of its group's mean and std and
+    gets advantage 0; reward and reward_std are over the scored samples. Group [1, nan, 3]
+    (scale none): mean 2 -> [-1, 0, 1]; group [2, 2, 5]: mean 3 -> [-1, -1, 2].
+    reward = mean(1, 3, 2, 2, 5) = 2.6; reward_std = sample std of those = sqrt(2.3)."""
+    cfg = GRPOConfig(model="m", num_generations=3, scale_rewards="none")
+    algo = GRPO(cfg, 0, SimpleNamespace(num_processes=1, process_index=0))
+    rows = [{"completion_mask": torch.tensor([False, True]), "finished": True} for _ in range(6)]
+    scores = torch.tensor([1.0, float("nan"), 3.0, 2.0, 2.0, 5.0])
+    metrics = algo.advantages(Rollout([{"prompt": "p"}] * 6, ["x"] * 6, rows, scores))
+    assert [r["advantages"] for r in rows] == [-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]
+    assert metrics["reward"] == pytest.approx(2.6)
+    assert metrics["reward_std"] == pytest.approx(2.3 ** 0.5)
+
+
+def entropy_rows(vocab, lengths=(6, 9, 4, 7), prompt=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, vocab, (n,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(n, dtype=torch.long),
+                     "completion_mask": torch.arange(n) >= prompt, "finished": i != 1,
+                     "old_token_logps": torch.zeros(n), "advantages": 1.0 - i})
+    return rows
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_entropy_metric_equals_softmax_entropy_of_the_loss_tokens(make_model, chunk_size):
+    """`entropy`: the mean over the loss's completion tokens of -sum_v p log p, p the
+    softmax of the tempered logits, read off the update's own forward (chunked too);
+    the truncated completion (row 1) is masked out of the loss and of the mean."""
+    from prefalign.logprobs import LogpsModel, position_ids_from_mask
+
+    model = make_model("llama")
+    cfg = GRPOConfig(model="m", num_generations=2, temperature=0.7,
+                     mask_truncated_completions=True)
+    algo = GRPO(cfg, 0, SimpleNamespace(num_processes=1, process_index=0))
+    batch = algo.collate(entropy_rows(model.config.vocab_size))
+    _, stats = algo.compute_loss(LogpsModel(model, chunk_size=chunk_size), batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=position_ids_from_mask(batch.attention_mask)).logits
+    logp = torch.log_softmax(logits[:, :-1].float() / 0.7, -1)
+    token_entropy = -(logp.exp() * logp).sum(-1)  # predicts token t + 1
+    mask = (batch.completion_mask & batch.attention_mask.bool())[:, 1:].clone()
+    mask[1] = False  # truncated
+    expected = token_entropy[mask].mean()
+    assert float(stats["entropy"]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def grpo_trainer(tokenizer, model, cfg):
+    from prefalign.algorithms.onpolicy import OnPolicyTrainer
+    from prefalign.logprobs import LogpsModel
+
+    algo = GRPO(cfg, tokenizer.pad_token_id, SimpleNamespace(num_processes=1, process_index=0))
+    trainer = OnPolicyTrainer(cfg, LogpsModel(model), algo, [{"prompt": "p"}], policy=model,
+                              tokenizer=tokenizer, scorer=letter_e)
+    algo.accelerator = trainer.accelerator
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_dropping_zero_std_groups_equals_the_update_on_the_informative_groups_alone(
+        tmp_path, tokenizer, make_model, loss_type):
+    """4 groups of 2, groups 0 and 2 with equal rewards: with drop_zero_std_groups the
+    update (parameters after it) equals the update on groups 1 and 3 alone, exactly; without
+    the filter the zero-advantage rows dilute the mean and the update differs."""
+    rows = entropy_rows(tokenizer.vocab_size, lengths=(6, 9, 4, 7, 5, 8, 6, 7))
+    for row in rows:
+        del row["old_token_logps"], row["advantages"]
+    scores = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0, 5.0, 1.0])
+    informative = [2, 3, 6, 7]
+
+    def updated(indices, drop):
+        cfg = GRPOConfig(model="m", output_dir=str(tmp_path / f"{drop}{len(indices)}"),
+                         num_generations=2, batch_size=1, grad_accum=4, loss_type=loss_type,
+                         learning_rate=1e-2, drop_zero_std_groups=drop, seed=0,
+                         warmup_ratio=0.0, lr_scheduler="constant")
+        model = make_model("llama", seed=0)
+        trainer = grpo_trainer(tokenizer, model, cfg)
+        part = [dict(rows[i]) for i in indices]
+        rollout = Rollout([{"prompt": "p"}] * len(part), ["x"] * len(part), part, scores[indices])
+        trainer.rollout_logps(rollout)  # one row per micro-batch: the same for every run
+        metrics = trainer.algorithm.advantages(rollout)
+        trainer.update(rollout.rows, [0])
+        return [p.detach().clone() for p in model.parameters()], metrics
+
+    dropped, metrics = updated(list(range(8)), True)
+    alone, _ = updated(informative, False)
+    diluted, _ = updated(list(range(8)), False)
+    assert metrics["dropped_groups"] == 2.0
+    assert metrics["frac_reward_zero_std"] == 0.5
+    start = [p.detach() for p in make_model("llama", seed=0).parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(alone, start))  # the update moved them
+    assert all(torch.equal(a, b) for a, b in zip(dropped, alone))
+    assert not all(torch.equal(a, b) for a, b in zip(diluted, alone))
+
+
+def test_dropping_zero_std_groups_is_refused_under_data_parallelism():
+    cfg = GRPOConfig(model="m", num_generations=2, drop_zero_std_groups=True)
+    with pytest.raises(ConfigError, match="drop_zero_std_groups"):
+        GRPO(cfg, 0, SimpleNamespace(num_processes=2, process_index=0))

@@ -1,4 +1,5 @@
-"""Batched sampling with a KV cache: PPO rollouts, best-of-N candidates, evaluation.
+"""Batched sampling with a KV cache: on-policy rollouts (through generation_engine, whose
+"hf" engine this is), best-of-N candidates, evaluation.
 
 A hand-written decoding loop over the model's own forward (prefill once, then one token per
 step with the KV cache the prefill returned) rather than `model.generate`, because it needs three things

@@ -11,8 +11,12 @@ One step of the on-policy loop (algorithms.onpolicy) is one GRPO iteration:
      by the loss_type (TRL's `loss_type`).
 The old log-probs come from the same forward, on the same micro-batches, as the first
 update's: the ratio is exactly 1 on the first update of a rollout. Metrics are named as
-TRL's GRPOTrainer logs them. Not built here: DAPO's filter of zero-std groups, several
-weighted reward functions, entropy logging.
+TRL's GRPOTrainer logs them, `entropy` included (the mean per-token entropy of the policy
+over the loss's completion tokens, read off the update's own forward). With
+drop_zero_std_groups (DAPO's dynamic-sampling filter), the groups whose rewards are all
+equal leave the rollout after step 3: their advantages are 0, so they would only add tokens
+(or rows) to the loss's mean; `dropped_groups` counts them. Samples that no reward function
+scored (all None) are left out of their group's baseline with advantage 0, as in TRL.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
     fit_on_policy,
+    gather_across,
     open_on_policy_run,
     pad_rows,
     rollout_scorer,
@@ -37,6 +42,7 @@ from prefalign.algorithms.ppo import PPOOptions
 from prefalign.algorithms.reference import make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
+from prefalign.errors import ConfigError
 from prefalign.generation import SamplingOptions
 from prefalign.logprobs import LogpsModel
 from prefalign.losses import (
@@ -45,7 +51,14 @@ from prefalign.losses import (
     grpo_aggregate,
     grpo_policy_loss,
 )
-from prefalign.rl import SCALE_REWARDS, frac_reward_zero_std, group_advantages
+from prefalign.masked import masked_mean
+from prefalign.rl import (
+    SCALE_REWARDS,
+    frac_reward_zero_std,
+    group_advantages,
+    informative_groups,
+    nanstd,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,8 @@ class GRPOOptions(Section):
     SECTION = "grpo"
 
     reward_model: str | None = option_like(PPOOptions, "reward_model", None)
-    reward_fn: str | None = option_like(PPOOptions, "reward_fn", None)
+    reward_fn: list[str] | None = option_like(PPOOptions, "reward_fn", None)
+    reward_weights: list[float] | None = option_like(PPOOptions, "reward_weights", None)
     num_generations: int = option(8, "responses sampled per prompt (G, the group size)")
     loss_type: str = option("dapo", "reduction of the per-token losses, as TRL's loss_type",
                             choices=tuple(GRPO_LOSS_TYPES))
@@ -70,6 +84,9 @@ class GRPOOptions(Section):
     num_iterations: int = option(1, "update passes over each rollout")
     mask_truncated_completions: bool = option(
         False, "leave out of the loss the completions that did not end with EOS/stop")
+    drop_zero_std_groups: bool = option(
+        False, "DAPO's filter: leave out of the update the groups whose rewards are all equal "
+        "(advantage 0: no gradient, only a smaller mean); one process only")
     num_samples: int = option_like(PPOOptions, "num_samples", 4)
     disable_dropout: bool = option(
         True, "switch off every dropout: with it on, the ratio to the rollout's log-probs is "
@@ -114,6 +131,7 @@ class GRPO:
 
     progress_keys = ("reward", "reward_std")
     mini_batches = 1
+    unscorable_rewards = True  # NaN scores: out of the group baseline, advantage 0 (TRL)
 
     def __init__(self, config: GRPOConfig, pad_token_id: int, accelerator: Any,
                  reference: Any = None) -> None:
@@ -121,6 +139,11 @@ class GRPO:
         self.reference = reference  # None when beta == 0
         self.pad_token_id = pad_token_id
         self.accelerator = accelerator
+        if config.drop_zero_std_groups and accelerator.num_processes > 1:
+            # Each process would keep a different number of rows, hence run a different
+            # number of micro-batches and updates: their collectives would not match.
+            raise ConfigError("config key 'drop_zero_std_groups' works on one process only; "
+                              "run without it under data parallelism")
         self.samples_per_prompt = config.num_generations
         self.epochs = config.num_iterations
 
@@ -153,7 +176,8 @@ class GRPO:
 
     def compute_loss(self, model, batch: GRPOBatch) -> tuple[Tensor, dict]:
         c = self.config
-        out = model(*batch.inputs(), temperature=c.temperature)
+        # stats: the entropy comes from the same chunks of logits as the log-probs.
+        out = model(*batch.inputs(), temperature=c.temperature, stats=True)
         mask = out.mask & batch.keep.unsqueeze(1)
         losses, stats = grpo_policy_loss(
             out.token_logps, batch.old_token_logps, batch.advantages, mask, epsilon=c.epsilon,
@@ -163,7 +187,7 @@ class GRPO:
         # then weights it by its share of the update's tokens over every process.
         num_items = mask.sum() if c.loss_type == "dapo" else None
         loss = grpo_aggregate(c.loss_type, losses, mask, c.max_new_tokens, num_items)
-        return loss, stats
+        return loss, {**stats, "entropy": masked_mean(out.entropy, mask)}
 
     def stop_early(self) -> bool:
         return False
@@ -187,20 +211,31 @@ class GRPO:
         start = self.accelerator.process_index * len(rows)
         for row, value in zip(rows, advantages[start : start + len(rows)].tolist()):
             row["advantages"] = value
-        return {
-            "reward": scores.mean().item(),
-            "reward_std": std.mean().item(),
+        metrics = {
+            "reward": torch.nanmean(scores).item(),  # TRL's: unscorable samples left out
+            "reward_std": nanstd(scores).item(),
             "frac_reward_zero_std": frac_reward_zero_std(std).item(),
             "completions/mean_length": lengths.mean().item(),
             "completions/clipped_ratio": 1.0 - finished.mean().item(),
         }
+        if c.drop_zero_std_groups:
+            metrics["dropped_groups"] = self._drop_zero_std_groups(rollout, scores, advantages)
+        return metrics
+
+    def _drop_zero_std_groups(self, rollout: Rollout, scores: Tensor, advantages: Tensor
+                              ) -> float:
+        """Remove from rollout.rows the groups whose rewards are all equal (TRL's zero-std
+        test, rl.informative_groups) or whose advantages are all 0 (e.g. every sample
+        unscorable); the update then runs on the other groups alone. Returns their count."""
+        G = self.config.num_generations
+        keep = informative_groups(scores, G) & (advantages != 0).view(-1, G).any(1
+                                                                          ).repeat_interleave(G)
+        rollout.rows[:] = [row for row, k in zip(rollout.rows, keep.tolist()) if k]
+        return float((~keep).sum().item() / G)
 
     def _gather(self, values: Tensor) -> Tensor:
         """(N,) of this process -> (P * N,) in process order (every process has N rows)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return values.float()
-        return acc.gather(values.float().to(acc.device)).cpu()
+        return gather_across(self.accelerator, values)
 
 
 def run_grpo(config: GRPOConfig, accelerator=None, scorer: Callable | None = None):

@@ -2,8 +2,8 @@
 
 Each training step is one iteration over a batch of prompts, read top to bottom in
 `OnPolicyTrainer._train_step`:
-  1. rollout     sample `samples_per_prompt` responses per prompt (generation.generate:
-                 KV cache, stop strings, EOS);
+  1. rollout     sample `samples_per_prompt` responses per prompt (the generation engine,
+                 generation_engine: KV cache, stop strings, EOS);
   2. rewards     the scorer's score of each (prompt, response);
   3. log-probs   one no-grad pass of the trained model on the update's micro-batches (the
                  algorithm's `rollout_pass`: old token log-probs, and e.g. PPO's values),
@@ -19,8 +19,10 @@ algorithm's own state (e.g. an adaptive KL coefficient) rides in the checkpoint.
 
 An algorithm is a small object (`OnPolicyAlgorithm`): its reference, rollout settings, `collate` and
 `units` of the rollout rows, `rollout_pass`, `advantages`, `compute_loss`, `stop_early`,
-and its state. Under data parallelism every process samples its share of the prompts with
-its own seed; the algorithm reduces its statistics across processes.
+and its state. Under data parallelism every process samples its share of the prompts
+(`process_prompts`: a prompt's samples on one process) with noise keyed by each prompt's
+position in the window, so every process count samples the same; the algorithm reduces its
+statistics across processes.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ from torch import Tensor
 
 from prefalign.batches import RolloutBatch
 from prefalign.config import option_like, require
-from prefalign.errors import ConfigError
-from prefalign.generation import SamplingConfig, SamplingOptions, generate
+from prefalign.errors import ConfigError, PrefalignError
+from prefalign.generation import SamplingConfig, SamplingOptions
+from prefalign.generation_engine import EngineOptions, make_engine
 from prefalign.logprobs import LogpsModel
-from prefalign.scoring import row_columns
+from prefalign.rl import nanstd
+from prefalign.scoring import Scorer, TextPrompts, load_scorer, row_columns
+from prefalign.scoring.rewards import check_config_rewards, config_rewards
+from prefalign.text import warn
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.run import Run
 from prefalign.train.sections import (
@@ -51,7 +57,7 @@ from prefalign.train.sections import (
     PromptDataOptions,
     RunOptions,
 )
-from prefalign.train.window import Features, Share, process_shares
+from prefalign.train.window import Features, Share, split_window
 
 
 def pad_rows(rows: list[dict], key: str, length: int, value: float = 0,
@@ -63,9 +69,36 @@ def pad_rows(rows: list[dict], key: str, length: int, value: float = 0,
         out[i, : len(row[key])] = row[key]
     return out
 
+
+def collate_rollout(rows: list[dict], pad_token_id: int) -> RolloutBatch:
+    """Rollout rows -> a RolloutBatch of right-padded (B, T) tensors, with the per-token
+    old log-probs, old values, advantages and returns the rows have."""
+    pad = partial(pad_rows, rows, length=max(len(r["input_ids"]) for r in rows))
+    scored = {key: pad(key) for key in ("old_token_logps", "old_values", "advantages",
+                                        "returns") if key in rows[0]}
+    return RolloutBatch(pad("input_ids", value=pad_token_id), pad("attention_mask"),
+                        pad("completion_mask"), **scored)
+
+
+def sum_across(accelerator: Any, values: Tensor) -> Tensor:
+    """`values` summed over every process (identity on one): the `reduce` of masked.py, so
+    that whitening uses the mean and variance of every process's rollouts, as one process
+    holding them all would."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum").to(values.device)
+
+
+def gather_across(accelerator: Any, values: Tensor) -> Tensor:
+    """(N,) of this process -> (P * N,) float in process order (every process has N rows)."""
+    if accelerator.num_processes == 1:
+        return values.float()
+    return accelerator.gather(values.float().to(accelerator.device)).cpu()
+
+
 @dataclass(frozen=True)
 class OnPolicyConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
-                     SamplingOptions):
+                     EngineOptions, SamplingOptions):
     """The sections every on-policy command composes with its own (PPOConfig, GRPOConfig):
     model, prompts, optim, run, sampling. No eval set and no truncation or length options:
     prompts are sampled from as they are. A command sets COMMAND and may redeclare the
@@ -101,7 +134,8 @@ class OnPolicyAlgorithm(Protocol):
         "old_token_logps"."""
 
     def advantages(self, rollout: Rollout) -> dict[str, Any]:
-        """Set each row's advantages (and e.g. returns); return the iteration's metrics."""
+        """Set each row's advantages (and e.g. returns), or replace rollout.rows by the rows
+        the updates read (online DPO: one per ranked pair); return the iteration's metrics."""
 
     def compute_loss(self, model: torch.nn.Module, batch: RolloutBatch
                      ) -> tuple[Tensor, dict[str, Any]]: ...
@@ -136,6 +170,25 @@ def rollout_row(generation) -> dict[str, Any]:
             "completion_mask": completion, "finished": generation.finished}
 
 
+def process_prompts(window: int, rows_per_update: int, samples_per_prompt: int,
+                    procs: int, rank: int) -> list[int]:
+    """The positions of process `rank`'s prompts in a window of `window` prompts (a
+    multiple of procs), each prompt samples_per_prompt (G) rows: every process gets as many
+    prompts, and a prompt's G rows stay on one process (groups are never split).
+
+    A process's update reads rows_per_update (batch_size x grad_accum) of its rows, in
+    order on the first pass over a rollout. When G divides rows_per_update, the window is
+    cut into blocks of the prompts one update reads over every process, each block into one
+    share per process: a first pass's update then reads the same rows whatever the number
+    of processes. Otherwise an update cuts a group on any number of processes, and each
+    process takes one contiguous share.
+    """
+    per_update = rows_per_update // samples_per_prompt
+    share = per_update if per_update and rows_per_update % samples_per_prompt == 0 \
+        else window // procs
+    return [k for block in split_window(list(range(window)), share, procs) for k in block[rank]]
+
+
 class OnPolicyTrainer(Trainer):
     """The loop of Trainer (logging, checkpoints, exact resume) with a step that rolls out
     and updates. train_features are prompts; `policy` is the causal LM that samples and
@@ -146,6 +199,7 @@ class OnPolicyTrainer(Trainer):
                  accelerator: Any = None, *, policy: torch.nn.Module, tokenizer: Any,
                  scorer: Callable, samples_path: Path | None = None) -> None:
         self.policy, self.tokenizer, self.scorer = policy, tokenizer, scorer
+        self.engine = make_engine(config.generation_engine, policy, tokenizer)
         self.samples_path = samples_path
         super().__init__(config, model, algorithm, prompts, eval_features, accelerator)
 
@@ -156,9 +210,9 @@ class OnPolicyTrainer(Trainer):
 
     # -- one iteration --------------------------------------------------------------------
     def _train_step(self) -> None:
-        prompts, ids = self._next_prompts()
+        prompts, positions, ids = self._next_prompts()
         self.model.train()
-        rollout = self.sample(prompts)  # 1. rollout
+        rollout = self.sample(prompts, positions)  # 1. rollout
         rollout.scores = self.score(rollout)  # 2. rewards
         self.rollout_logps(rollout)  # 3. old and reference token log-probs
         metrics = self.algorithm.advantages(rollout)  # 4. advantages
@@ -168,40 +222,76 @@ class OnPolicyTrainer(Trainer):
         self.scheduler.step()
         self.global_step += 1
 
-    def _next_prompts(self) -> tuple[Features, list[int]]:
-        """This process's prompts of the next window, and the window's positions."""
+    def _next_prompts(self) -> tuple[Features, list[int], list[int]]:
+        """This process's prompts of the next window, their positions in the window (what
+        their noise is keyed by), and the window's positions in train_features."""
+        c, acc = self.config, self.accelerator
         order = self._next_order()
         window = [self.train_features[i] for i in order]
-        procs = self.accelerator.num_processes
         # Rollouts need equally many prompts on every process (their statistics are
         # global): top a short window up with its own prompts, each one more sample.
-        window += [window[i % len(window)] for i in range(-len(window) % procs)]
-        shares, _ = process_shares(window, self.config.batch_size, procs,
-                                   self.accelerator.process_index, lambda f: float(len(f)))
-        return [f for share in shares for f in share.features], order
+        window += [window[i % len(window)] for i in range(-len(window) % acc.num_processes)]
+        mine = process_prompts(len(window), c.batch_size * c.grad_accum,
+                               self.algorithm.samples_per_prompt, acc.num_processes,
+                               acc.process_index)
+        return [window[k] for k in mine], mine, order
 
     @torch.no_grad()
-    def sample(self, prompts: Features) -> Rollout:
-        c, acc = self.config, self.accelerator
-        prompts = [p for p in prompts for _ in range(self.algorithm.samples_per_prompt)]
-        # Each process and iteration samples with its own seed, a function of the step.
-        seed = c.seed * 100_003 + self.global_step * acc.num_processes + acc.process_index
-        sampling = SamplingConfig.of(c, seed=seed, batch_size=c.batch_size)
-        gens = generate(self.policy, self.tokenizer, [p["prompt"] for p in prompts],
-                        sampling, progress=False)
-        return Rollout(prompts, [g.text for g in gens], [rollout_row(g) for g in gens])
+    def sample(self, prompts: Features, positions: list[int]) -> Rollout:
+        """G (samples_per_prompt) responses per prompt, a prompt's G consecutive. The seed
+        is a function of (seed, step) and each prompt's noise is keyed by its position in
+        the window: what a prompt samples depends on neither the number of processes nor
+        the generation batch it lands in."""
+        c, g = self.config, self.algorithm.samples_per_prompt
+        # batch_size // G prompts per generation batch: about batch_size rows, as updates.
+        sampling = SamplingConfig.of(c, seed=c.seed * 100_003 + self.global_step, n=g,
+                                     batch_size=max(1, c.batch_size // g))
+        gens = self.engine.generate([p["prompt"] for p in prompts], sampling,
+                                    seed_indices=positions)
+        prompts = [p for p in prompts for _ in range(g)]
+        return Rollout(prompts, [x.text for x in gens], [rollout_row(x) for x in gens])
 
     def score(self, rollout: Rollout) -> Tensor:
+        """(N,) each sample's reward: the weighted sum of the reward terms that scored it
+        (TRL's nansum). Each term's mean and std over every process join the step's metrics
+        as rewards/<name>/mean and /std (TRL's names). A sample no term scored (every
+        function returned None) is NaN with a warning, as in TRL, for an algorithm with
+        `unscorable_rewards = True` (its baselines leave NaN out, its advantage is 0);
+        any other algorithm refuses it."""
         prompts = rollout.prompts
-        scores = self.scorer([p["prompt"] for p in prompts], rollout.texts, row_columns(prompts))
-        return torch.tensor(scores, dtype=torch.float32)
+        terms = as_scorer(self.scorer).reward_terms([p["prompt"] for p in prompts],
+                                                    rollout.texts, row_columns(prompts))
+        total = torch.tensor(terms.total(), dtype=torch.float32)
+        per_term = torch.tensor(terms.scores, dtype=torch.float32).reshape(len(terms.names), -1)
+        unscorable = torch.isnan(total).nonzero().flatten().tolist()
+        if unscorable:
+            i = unscorable[0]
+            where = (f"{len(unscorable)} sample(s), the first of prompt "
+                     f"{str(prompts[i]['prompt'])[:60]!r} and completion {rollout.texts[i][:60]!r}")
+            if not getattr(self.algorithm, "unscorable_rewards", False):
+                raise PrefalignError(f"every reward function returned None for {where}; "
+                                     f"{self.config.COMMAND} needs a reward for every sample: "
+                                     "return a number (e.g. 0.0) where no function applies")
+            warn(f"every reward function returned None for {where}: no reward, advantage 0; "
+                 "make sure some function scores every sample")
+        if per_term.shape[1] and self.accelerator.num_processes > 1:
+            per_term = self.accelerator.gather(per_term.T.contiguous().to(
+                self.accelerator.device)).cpu().T
+        self.window.add({f"rewards/{name}/{stat}": value
+                         for name, scores in zip(terms.names, per_term)
+                         for stat, value in (("mean", torch.nanmean(scores).item()),
+                                             ("std", nanstd(scores).item()))}, weight=1.0)
+        return total
 
     @torch.no_grad()
     def rollout_logps(self, rollout: Rollout) -> None:
         """The algorithm's pass and the reference's token log-probs (at the sampling
-        temperature), on the micro-batches of the first update: its ratio is exactly 1."""
+        temperature, or the algorithm's logps_temperature), on the micro-batches of the
+        first update: its ratio is exactly 1."""
         c, acc = self.config, self.accelerator
         policy = LogpsModel(self.policy)
+        # An algorithm whose loss reads the model's own log-probs (online DPO) sets 1.0.
+        temperature = getattr(self.algorithm, "logps_temperature", c.temperature)
         for start in range(0, len(rollout.rows), c.batch_size):
             part = rollout.rows[start : start + c.batch_size]
             batch = self.algorithm.collate(part).to(acc.device)
@@ -210,7 +300,7 @@ class OnPolicyTrainer(Trainer):
                 # No reference (e.g. GRPO with beta 0): its forward would be thrown away.
                 if self.algorithm.reference is not None:
                     values["ref_token_logps"] = self.algorithm.reference.score(
-                        policy, *batch.inputs(), temperature=c.temperature).token_logps
+                        policy, *batch.inputs(), temperature=temperature).token_logps
             for i, row in enumerate(part):
                 n = len(row["input_ids"])
                 for key, value in values.items():
@@ -284,6 +374,7 @@ def open_on_policy_run(config: Any, accelerator: Any, scorer: Callable | None, n
     if not (scorer or config.reward_model or config.reward_fn):
         raise ConfigError("config key 'reward_model' or 'reward_fn' is required: the reward "
                           "model directory or a scorer spec (module:function, a built-in)")
+    check_config_rewards(config, scorer)  # a wrong weight count, before any loading
     if not scorer and config.reward_model:
         from prefalign.models import check_reward_model
 
@@ -299,10 +390,12 @@ def open_on_policy_run(config: Any, accelerator: Any, scorer: Callable | None, n
     return run, prompts
 
 
-def rollout_scorer(run: Run, config: Any, scorer: Callable | None) -> Callable:
+def rollout_scorer(run: Run, config: Any, scorer: Callable | None) -> Scorer:
     """The scorer of the rollouts: `scorer` (a Python function), else the reward model or
-    reward_fn spec; chat prompts reach it rendered as text."""
-    from prefalign.scoring import TextPrompts, load_scorer
+    the reward_fn terms, weighted by reward_weights; chat prompts reach it rendered as text."""
+    return TextPrompts(config_rewards(config, scorer), run.tokenizer)
 
-    return TextPrompts(load_scorer(scorer or config.reward_model or config.reward_fn),
-                       run.tokenizer)
+
+def as_scorer(scorer: Callable) -> Scorer:
+    """A Scorer as is; a plain function (a caller's own OnPolicyTrainer) wrapped as one."""
+    return scorer if isinstance(scorer, Scorer) else load_scorer(scorer)

@@ -9,7 +9,7 @@ One step of the on-policy loop (algorithms.onpolicy) is one PPO iteration:
      target_approx_kl.
 The old log-probs come from the same forward, on the same micro-batches, as the first
 update's, so the ratio is exactly 1 on the first mini-batch of the first epoch. Under data
-parallelism each process samples its share of the prompts with its own seed; whitening,
+parallelism each process samples its share of the prompts, as one process would; whitening,
 the KL controller, the approx-KL stop and objective/* use every process's rollouts.
 """
 
@@ -26,10 +26,12 @@ from torch import Tensor
 from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
+    collate_rollout,
     fit_on_policy,
     open_on_policy_run,
     pad_rows,
     rollout_scorer,
+    sum_across,
 )
 from prefalign.algorithms.reference import AdaptersOff, FrozenCopy, make_reference
 from prefalign.batches import RolloutBatch
@@ -46,6 +48,7 @@ from prefalign.rl import (
     kl_estimate,
     shaped_rewards,
 )
+from prefalign.scoring.spec import SCORER_HELP
 from prefalign.train.run import Run
 
 
@@ -56,8 +59,14 @@ class PPOOptions(Section):
     SECTION = "ppo"
 
     reward_model: str | None = option(None, "reward model directory (from prefalign reward)")
-    reward_fn: str | None = option(
-        None, "scorer instead of a reward model: module:function or a built-in scorer spec")
+    reward_fn: list[str] | None = option(
+        None, "a reward instead of a reward model; repeatable (YAML: a list), the rewards "
+        "are summed (weights: reward_weights) and each is logged as rewards/<name>/mean and "
+        "/std; a function in TRL's form may return None for a sample it does not score "
+        "(left out of that sample's sum). Each SPEC is " + SCORER_HELP, action="append", metavar="SPEC")
+    reward_weights: list[float] | None = option(
+        None, "one weight per reward_fn term, in order, as TRL's reward_weights (e.g. 1,0.5); "
+        "none: each term counts 1, or its spec's :W")
     value_model: str | None = option(
         None, "initialise a separate critic from the backbone of this reward model (or "
         "causal LM) dir; none = value head on the policy backbone")
@@ -132,12 +141,7 @@ class PPO:
 
     def collate(self, rows: list[dict]) -> RolloutBatch:
         """Rollout rows -> a RolloutBatch of right-padded (B, T) tensors."""
-        pad = partial(pad_rows, rows, length=max(len(r["input_ids"]) for r in rows))
-
-        scored = {key: pad(key) for key in ("old_token_logps", "old_values", "advantages",
-                                            "returns") if key in rows[0]}
-        return RolloutBatch(pad("input_ids", value=self.pad_token_id),
-                            pad("attention_mask"), pad("completion_mask"), **scored)
+        return collate_rollout(rows, self.pad_token_id)
 
     def rollout_pass(self, model, batch: RolloutBatch) -> dict[str, Tensor]:
         """The update's forward, without gradients: old log-probs, values, entropy."""
@@ -190,10 +194,7 @@ class PPO:
         """`values` summed over every process (identity on one): masked.Reduce, so that
         whitening uses the mean and variance of every process's rollouts and advantages
         are scaled alike everywhere, as they would be on one process."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return values
-        return acc.reduce(values.to(acc.device), reduction="sum").to(values.device)
+        return sum_across(self.accelerator, values)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl_ctl": self.kl_ctl.state_dict()}

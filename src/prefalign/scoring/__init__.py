@@ -1,7 +1,8 @@
 """Scoring responses: the Scorer interface (base), the built-in checks (builtins, command),
 Python functions in ours and TRL's signature (functions), reward models (reward_model) and
-the spec strings that name them (spec). Every command that scores (ppo, iterate, generate,
-evaluate) builds its scorer with load_scorer.
+the spec strings that name them (spec). Every command that scores (iterate, generate,
+evaluate) builds its scorer with load_scorer; the on-policy trainers build theirs from several
+weighted sources with scoring.rewards (TRL's reward_funcs and reward_weights).
 
 scoring.reward_model (RewardScorer, score_sequences) and scoring.score_file import torch
 and the model code; import them from their modules when a reward model scores.

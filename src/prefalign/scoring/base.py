@@ -5,6 +5,11 @@ reports it. Every call is checked: one finite number per pair, else a PrefalignE
 the scorer (None, TRL's "no reward for this sample", is refused too: every response needs a
 number). A call may also pass `columns`, the prompt rows' other fields ({name: one value per
 response}); only scorers that need them (math_answer, functions in TRL's form) read them.
+
+`reward_terms` is the rewards' view (the on-policy trainers): each term's own scores, None
+kept as NaN, with a name for the logs (`rewards/<name>/mean`) and its weight;
+`RewardTerms.total` sums them as TRL does (a term that returned None is left out of that
+response's sum).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefalign.errors import PrefalignError
@@ -25,6 +32,25 @@ class Scorer:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
         """columns: the rows' other fields, {name: one value per response}, or None."""
+        prompts, responses, columns = self._inputs(prompts, responses, columns)
+        if not responses:
+            return []
+        return check_scores(self._score_columns(prompts, responses, columns), len(responses),
+                            self.name)
+
+    def reward_terms(self, prompts: Sequence[str], responses: Sequence[str],
+                     columns: Mapping[str, Sequence[Any]] | None = None) -> RewardTerms:
+        """The scores as reward terms: one term here (WeightedSum has one per term), its
+        None scores kept as NaN (TRL's "no reward for this sample")."""
+        prompts, responses, columns = self._inputs(prompts, responses, columns)
+        scores = (check_scores(self._score_columns(prompts, responses, columns),
+                               len(responses), self.name, allow_none=True) if responses else [])
+        return RewardTerms([term_name(self.name)], [1.0], [scores])
+
+    def _inputs(self, prompts: Sequence[str], responses: Sequence[str],
+                columns: Mapping[str, Sequence[Any]] | None
+                ) -> tuple[list[str], list[str], dict[str, list[Any]]]:
+        """The call's arguments as lists, checked to have one value per response."""
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise PrefalignError(
@@ -35,10 +61,7 @@ class Scorer:
         if wrong:
             raise PrefalignError(f"scorer {self.name}: column {wrong[0]!r} has "
                                  f"{len(columns[wrong[0]])} values for {len(responses)} responses")
-        if not responses:
-            return []
-        return check_scores(self._score_columns(prompts, responses, columns), len(responses),
-                            self.name)
+        return prompts, responses, columns
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
@@ -75,8 +98,9 @@ class ItemScorer(Scorer):
         raise NotImplementedError
 
 
-def check_scores(scores: Any, count: int, name: str) -> list[float]:
-    """`scores` as `count` finite floats, or a PrefalignError naming the scorer."""
+def check_scores(scores: Any, count: int, name: str, allow_none: bool = False) -> list[float]:
+    """`scores` as `count` finite floats, or a PrefalignError naming the scorer; with
+    allow_none, a None (TRL's "no reward for this sample") becomes NaN."""
     if hasattr(scores, "tolist"):  # numpy arrays and torch tensors
         scores = scores.tolist()
     if not isinstance(scores, (list, tuple)):
@@ -89,6 +113,9 @@ def check_scores(scores: Any, count: int, name: str) -> list[float]:
     for i, value in enumerate(scores):
         if hasattr(value, "item") and not isinstance(value, numbers.Real):
             value = value.item()  # a 0-d tensor or array per item
+        if value is None and allow_none:
+            checked.append(math.nan)
+            continue
         if value is None:
             raise PrefalignError(
                 f"scorer {name} returned None at position {i} (no reward for that response); "
@@ -121,16 +148,73 @@ class WeightedSum(Scorer):
         """[(name, weight, scores)] per term, unweighted: to log what the sum is made of."""
         return [(s.name, w, s(prompts, responses, columns)) for s, w in self.terms]
 
+    def reward_terms(self, prompts: Sequence[str], responses: Sequence[str],
+                     columns: Mapping[str, Sequence[Any]] | None = None) -> RewardTerms:
+        """One term per (scorer, weight), in order (a nested sum's terms with its weight
+        multiplied in); names made unique."""
+        names, weights, scores = [], [], []
+        for scorer, weight in self.terms:
+            part = scorer.reward_terms(prompts, responses, columns)
+            names += part.names
+            weights += [weight * w for w in part.weights]
+            scores += part.scores
+        return RewardTerms(unique_names(names), weights, scores)
+
     def _score_columns(self, prompts: list[str], responses: list[str],
                        columns: dict[str, list[Any]]) -> list[float]:
-        total = [0.0] * len(responses)
-        for scorer, weight in self.terms:
-            for i, value in enumerate(scorer(prompts, responses, columns)):
-                total[i] += weight * value
+        total = self.reward_terms(prompts, responses, columns).total()
+        missing = [i for i, value in enumerate(total) if math.isnan(value)]
+        if missing:
+            raise PrefalignError(
+                f"scorer {self.name}: every term returned None at position {missing[0]} (no "
+                "reward for that response); every response needs a number from some term")
         return total
 
     def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return self._score_columns(prompts, responses, {})
+
+
+@dataclass
+class RewardTerms:
+    """The reward terms of K scorers on N responses: names (unique, for logging), weights
+    (K,), and each term's unweighted scores, K lists of N floats, NaN where it returned None."""
+
+    names: list[str]
+    weights: list[float]
+    scores: list[list[float]]
+
+    def total(self) -> list[float]:
+        """sum_k weight_k * score_k per response over the terms that scored it (TRL's nansum
+        of the weighted rewards); NaN where no term did (TRL's unscorable completion)."""
+        totals = []
+        for column in zip(*self.scores):
+            scored = [(w, s) for w, s in zip(self.weights, column) if not math.isnan(s)]
+            totals.append(sum(w * s for w, s in scored) if scored else math.nan)
+        return totals
+
+
+def term_name(text: str) -> str:
+    """A reward term's name in the logs, from the spec text that names it: a function's
+    name (module:fn -> fn), a built-in's name without its parameters, a reward-model
+    directory's last component (TRL names a reward model by its id's last part)."""
+    target = text if Path(text).expanduser().is_dir() else text.split("(", 1)[0].strip()
+    if Path(target).expanduser().is_dir():
+        return Path(target).expanduser().resolve().name
+    return target.rpartition(":")[2].rpartition(".")[2] if ":" in target else target
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with repeats numbered: [a, a, b] -> [a, a_2, b]."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        unique, k = name, 1
+        while unique in taken:
+            k += 1
+            unique = f"{name}_{k}"
+        taken.add(unique)
+        out.append(unique)
+    return out
 
 
 
@@ -152,3 +236,8 @@ class TextPrompts(Scorer):
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str],
                  columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
         return self.scorer([prompt_text(self.tokenizer, p) for p in prompts], responses, columns)
+
+    def reward_terms(self, prompts: Sequence[Any], responses: Sequence[str],
+                     columns: Mapping[str, Sequence[Any]] | None = None) -> RewardTerms:
+        return self.scorer.reward_terms([prompt_text(self.tokenizer, p) for p in prompts],
+                                        responses, columns)

@@ -16,9 +16,10 @@ Built-ins score 0.0 or 1.0 (length with falloff > 0 also scores in between):
   python_compiles  compile() accepts the code, which is never executed. The code is the
       first ```python (or py, python3) fenced block, else the first untagged ``` block,
       else the whole response; empty code scores 0.
-  command(cmd='python {file}',timeout=10,shell=false,filename=solution.py,workers=1)
-      EXECUTES MODEL-WRITTEN CODE, only when named in a spec: exit status 0 of cmd run
-      on the response's code scores 1.0 (scoring.command says how and what is not safe).
+  command(cmd='python {file}',timeout=10,shell=false,filename=solution.py,workers=1,
+      network=true)  EXECUTES MODEL-WRITTEN CODE, only when named in a spec: exit status 0
+      of cmd run on the response's code scores 1.0; network=false cuts it off the network
+      (scoring.command says how and what is not safe).
   math_answer  the response's final answer (last \\boxed{...}, else last number; a text
       answer: last line) equals the row's `answer` (else `reference`) column, numbers to a
       relative 1e-6, text after case and whitespace normalisation (scoring.answer_check).
@@ -185,7 +186,8 @@ BUILTINS: dict[str, Builtin] = {
                                "response) compiles; never run"),
     "command": Builtin(Command, CommandParams,
                        "command(cmd='python {file}',timeout=10,shell=false,filename=solution.py,"
-                       "workers=1): 1 when cmd exits 0 on the response's code; EXECUTES "
+                       "workers=1,network=true): 1 when cmd exits 0 on the response's code "
+                       "within timeout seconds; network=false: without network; EXECUTES "
                        "MODEL-WRITTEN CODE"),
     "math_answer": Builtin(MathAnswer, NoParams,
                            "math_answer: 1 when the last \\boxed{} or number (text: last line) "

@@ -8,8 +8,11 @@ group is killed when it ends, so nothing it started lingers. Placeholders: {file
 file, {dir} the directory, {prompt_file} a file holding the prompt (written only when cmd
 names it). Without shell=true no shell runs: cmd is split like a POSIX shell line and each
 placeholder stays one argument; a first word "python" means this interpreter
-(sys.executable). Nothing is sandboxed beyond the temporary directory and the timeout: the
-code runs with your rights and environment, so run it in a container.
+(sys.executable). With network=false the command runs in a new network namespace with no
+interface but loopback (Linux `unshare --net --map-root-user`; refused where user namespaces
+are not available), so the code cannot reach the network. Nothing else is sandboxed beyond
+the temporary directory and the timeout: the code runs with your rights and environment,
+so run it in a container.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class CommandParams:
     shell: bool = option(False, "run cmd through the shell")
     filename: str = option("solution.py", "the code file's name in the temporary directory")
     workers: int = option(1, "responses checked at once")
+    network: bool = option(True, "false: no network for the command (a new network "
+                           "namespace, Linux only)")
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Command(Scorer):
     """Runs a user-given command on each response's code (see the module docstring)."""
 
     def __init__(self, cmd: str = "python {file}", timeout: float = 10.0, shell: bool = False,
-                 filename: str = "solution.py", workers: int = 1):
+                 filename: str = "solution.py", workers: int = 1, network: bool = True):
         if timeout <= 0 or workers < 1:
             raise ConfigError(f"command: need timeout > 0 and workers >= 1, got "
                               f"timeout={timeout}, workers={workers}")
@@ -71,7 +76,9 @@ class Command(Scorer):
         if not self.argv:
             raise ConfigError("command: cmd is empty; e.g. command(cmd='python {file}')")
         self.cmd, self.timeout, self.shell = cmd, timeout, shell
-        self.filename, self.workers = filename, workers
+        self.filename, self.workers, self.network = filename, workers, network
+        if not network:
+            _check_no_network()
         self.last_results: list[CommandResult] = []  # kept to show why responses failed
 
     def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -94,7 +101,7 @@ class Command(Scorer):
             line = self.cmd
             for key, value in places.items():
                 line = line.replace(key, shlex.quote(value))
-            return line
+            return line if self.network else [*NO_NETWORK, "/bin/sh", "-c", line]
         argv = []
         for arg in self.argv:
             for key, value in places.items():
@@ -102,14 +109,14 @@ class Command(Scorer):
             argv.append(arg)
         if argv[0] == "python":  # the same interpreter and packages as prefalign
             argv[0] = sys.executable
-        return argv
+        return argv if self.network else [*NO_NETWORK, *argv]
 
     def _run(self, command: str | list[str], cwd: str) -> CommandResult:
         try:
             # A new session gives the command its own process group, so a timeout can
             # kill everything it started, not only the direct child.
             proc = subprocess.Popen(
-                command, cwd=cwd, shell=self.shell, stdin=subprocess.DEVNULL,
+                command, cwd=cwd, shell=isinstance(command, str), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             raise ConfigError(f"command: cannot run {self.argv[0]!r} (from cmd {self.cmd!r}): "
@@ -127,6 +134,24 @@ class Command(Scorer):
         finally:
             _kill_group(proc)  # nothing it started outlives its score, even on Ctrl-C
         return CommandResult(code, out.decode("utf-8", "replace")[-4000:])
+
+
+# A new user namespace (mapped to root inside, so no privilege is needed) owning a new
+# network namespace: only a loopback interface, which is down.
+NO_NETWORK = ("unshare", "--net", "--map-root-user")
+
+
+def _check_no_network() -> None:
+    """Refuse network=false now, in one line, where the namespace cannot be made."""
+    try:
+        done = subprocess.run([*NO_NETWORK, "true"], capture_output=True, timeout=30)
+        problem = done.stderr.decode("utf-8", "replace").strip() if done.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem = str(e)
+    if problem:
+        raise ConfigError(f"command: network=false needs `{' '.join(NO_NETWORK)}` (Linux "
+                          f"user namespaces), which fails here ({problem.splitlines()[-1]}); "
+                          "run the scorer inside a container without network instead")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -92,19 +92,28 @@ def load_scorer(spec: str | Scorer | Callable, **options: Any) -> Scorer:
         return FunctionScorer(spec, options)
     if not isinstance(spec, str):
         raise ConfigError(f"a scorer spec is a string, got {type(spec).__name__}")
-    terms = parse_spec(spec)
-    if len(terms) == 1 and terms[0].weight is None:
-        return _build(terms[0], options)
+    return combine_terms([(t, t.weight) for t in parse_spec(spec)], options, spec)
+
+
+def combine_terms(items: list[tuple[Any, float | None]], options: dict[str, Any], what: str
+                  ) -> Scorer:
+    """One unweighted item built with `options`, else the WeightedSum of the items."""
+    if len(items) == 1 and items[0][1] is None:
+        return _build_item(items[0][0], options)
     if options:
-        raise ConfigError(f"scorer {spec!r} combines terms; write parameters into the spec as "
+        raise ConfigError(f"scorer {what!r} combines terms; write parameters into the spec as "
                           "name(key=value) instead of passing options")
-    return WeightedSum([(_build(t, {}), 1.0 if t.weight is None else t.weight) for t in terms])
+    return WeightedSum([(_build_item(t, {}), 1.0 if w is None else w) for t, w in items])
+
+
+def _build_item(item: Any, options: dict[str, Any]) -> Scorer:
+    return _build(item, options) if isinstance(item, Term) else load_scorer(item, **options)
 
 
 def parse_spec(spec: str) -> list[Term]:
     """Split a spec into terms; raises ConfigError naming the spec for bad syntax."""
     text = spec.strip()
-    if _is_dir(text):  # a directory path may hold ',', ':' or '('
+    if is_dir(text):  # a directory path may hold ',', ':' or '('
         return [Term(text, text, {}, None)]
     if not text:
         raise ConfigError(f"empty scorer spec; use one of {', '.join(BUILTINS)}, "
@@ -136,12 +145,12 @@ def _parse_term(text: str, spec: str) -> Term:
     if not text:
         raise ConfigError(f"scorer spec {spec!r} has an empty term")
     weight, match = None, _WEIGHT.search(text)
-    if match and text[: match.start()].strip() and not _is_dir(text):
+    if match and text[: match.start()].strip() and not is_dir(text):
         weight = float(match.group(1))
         if not math.isfinite(weight):
             raise ConfigError(f"scorer spec {spec!r}: weight {match.group(1)} is not finite")
         text = text[: match.start()].strip()
-    if _is_dir(text) or "(" not in text:
+    if is_dir(text) or "(" not in text:
         return Term(text, text, {}, weight)
     if not text.endswith(")"):
         raise ConfigError(f"scorer spec {spec!r}: {text!r} must end with ')'")
@@ -161,7 +170,7 @@ def _parse_term(text: str, spec: str) -> Term:
     return Term(text, target, params, weight)
 
 
-def _is_dir(text: str) -> bool:
+def is_dir(text: str) -> bool:
     return bool(text) and Path(text).expanduser().is_dir()
 
 
@@ -174,7 +183,7 @@ def _build(term: Term, options: dict[str, Any]) -> Scorer:
     if target in BUILTINS:
         cls, params_cls, usage = BUILTINS[target]
         scorer = cls(**typed_params(target, params_cls, {**term.params, **options}, usage))
-    elif _is_dir(target):
+    elif is_dir(target):
         path = Path(target).expanduser()
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise ConfigError(f"scorer {target!r} is a directory but not a model (no "
