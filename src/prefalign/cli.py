@@ -54,6 +54,14 @@ TRAINERS = {
             "PPO against a reward model or a scoring function"),
     "grpo": ("prefalign.algorithms.grpo", "GRPOConfig", "run_grpo",
              "GRPO: group-relative advantages over G samples per prompt, no critic"),
+    "rloo": ("prefalign.algorithms.rloo", "RLOOConfig", "run_rloo",
+             "RLOO: leave-one-out baselines over G samples per prompt, KL in the reward"),
+    "reinforce-pp": ("prefalign.algorithms.reinforce_pp", "ReinforcePPConfig",
+                     "run_reinforce_pp",
+                     "REINFORCE++: KL-shaped token returns whitened over the batch, no critic"),
+    "online-dpo": ("prefalign.algorithms.online_dpo", "OnlineDPOConfig", "run_online_dpo",
+                   "online DPO: two samples per prompt, ranked by a scorer or a judge, "
+                   "DPO on the pair"),
     "iterate": ("prefalign.algorithms.iterate", "IterateConfig", "run_iterate",
                 "iterative DPO: rounds of sampling from the policy, scoring and DPO"),
 }
@@ -168,7 +176,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="prefalign",
         description="Preference alignment for causal language models: LoRA, SFT, reward "
-        "models, DPO and its variants, PPO, preference data and evaluation reports.",
+        "models, DPO and its variants, PPO, GRPO, RLOO, REINFORCE++, online DPO, preference "
+        "data and evaluation reports.",
     )
     parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
     parser.add_argument("--debug", action="store_true",
