@@ -1,9 +1,9 @@
-"""What the demo's report says: its findings and the comparison of the two frontiers.
+"""What the demo's report says: its findings and the comparisons of the frontiers.
 
-A sweep's frontier is its points (KL to SFT, mean ground-truth score); each point is
-compared with the other method's curve at the same KL, never with an extrapolation, and
-a difference counts only when it is larger than its 95% bootstrap interval (the intervals
-`evaluate` puts in report.json).
+A sweep's frontier is its points (KL to SFT, mean ground-truth score); two methods'
+frontiers are compared point by point, each point with the other method's curve at the
+same KL, never with an extrapolation, and a difference counts only when it is larger than
+its 95% bootstrap interval (the intervals `evaluate` puts in report.json).
 """
 
 from __future__ import annotations
@@ -91,40 +91,63 @@ def _verdict(names: tuple[str, str], wins: dict[str, int], compared: int) -> str
             + f" of {compared} comparable points")
 
 
-def findings(table: dict, reward: dict, front: dict, seconds: float) -> list[str]:
-    """The report's opening lines: the targets met or not, and the frontiers compared."""
-    gt = {name: table[name]["score/mean"] for name in ("sft", "dpo", "ppo")}
-    kl = {name: table[name]["kl"] for name in ("dpo", "ppo")}
-    done = {name: table[name]["finished_rate"] for name in ("dpo", "ppo")}
+def findings(table: dict, reward: dict, front: dict, seconds: float,
+             intervals: dict | None = None, *, methods: dict[str, tuple[str, str]],
+             comparisons: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """The report's opening lines: the reward model's accuracy, each method's gain over
+    SFT (target met or not), the first comparison's frontiers, the other methods' gains,
+    the other comparisons, the time.
+
+    methods: {model name of the main run: (title, frontier label)} in report order;
+    comparisons: (method, method, what the literature found or ""); intervals: report.json's
+    `intervals`, each main run's 95% bootstrap interval of its score."""
     acc = reward["heldout_accuracy"]
     lines = [
         f"Reward model accuracy on {reward['heldout_pairs']} held-out pairs labelled by the "
         f"noiseless scorer: {acc:.3f} (target >= 0.85: {'met' if acc >= 0.85 else 'NOT met'}).",
     ]
-    for name in ("dpo", "ppo"):
-        gain = gt[name] - gt["sft"]
-        lines.append(
-            f"{name.upper()} mean ground-truth score on held-out prompts {gt[name]:.3f} vs SFT "
-            f"{gt['sft']:.3f}: {gain:+.3f} (target >= +0.25: "
-            f"{'met' if gain >= 0.25 else 'NOT met'}), KL to SFT {kl[name]:.2f} nats, "
-            f"{done[name]:.1%} of responses finished before the token limit.")
-    lines.append(compare_frontiers(
-        ("DPO", "PPO"), (front["DPO (beta sweep)"], front["PPO (KL-coefficient sweep)"]))
-        + " The DPO paper found DPO's frontier above PPO's.")
+    compared = [_comparison(front, methods, pair) for pair in comparisons]
+    gains = [_gain_line(table, intervals or {}, name, title)
+             for name, (title, _) in methods.items()]
+    # The first comparison (DPO against PPO) follows its two methods' lines, as before the
+    # other methods joined: readers of earlier reports find it in the same place.
+    lines += gains[:2] + compared[:1] + gains[2:] + compared[1:]
     lines.append(f"The pipeline's stages took {seconds:.0f} s in all on this machine "
                  "(reused stages count with the time they took when they ran).")
     return lines
 
 
-def frontiers(table: dict, dpo_names: dict[float, str], ppo_names: dict[float, str],
+def _gain_line(table: dict, intervals: dict, name: str, title: str) -> str:
+    """One main run against SFT: its score with its 95% interval, the gain, the target."""
+    score, sft = table[name]["score/mean"], table["sft"]["score/mean"]
+    ci = ((intervals.get(name) or {}).get("score/mean") or {}).get("ci95")
+    within = f" (95% interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    gain = score - sft
+    return (f"{title} mean ground-truth score on held-out prompts {score:.3f}{within} vs SFT "
+            f"{sft:.3f}: {gain:+.3f} (target >= +0.25: {'met' if gain >= 0.25 else 'NOT met'}), "
+            f"KL to SFT {table[name]['kl']:.2f} nats, {table[name]['finished_rate']:.1%} of "
+            "responses finished before the token limit.")
+
+
+def _comparison(front: dict, methods: dict[str, tuple[str, str]],
+                pair: tuple[str, str, str]) -> str:
+    first, second, literature = pair
+    (a, a_curve), (b, b_curve) = methods[first], methods[second]
+    # named first: five of these lines read alike until their verdict
+    line = f"{a} vs {b}. " + compare_frontiers((a, b), (front[a_curve], front[b_curve]))
+    return f"{line} {literature}" if literature else line
+
+
+def frontiers(table: dict, sweeps: dict[str, list[tuple[str, str]]],
               intervals: dict | None = None) -> dict[str, list[tuple]]:
     """(KL, mean ground-truth score, label, its 95% interval [lo, hi] or None) of each sweep
-    point, by method; intervals: report.json's `intervals` ({model: {metric: {"ci95"}}})."""
+    point, by frontier label. sweeps: {frontier label: [(point label, model name)]} in the
+    order the curve joins them; intervals: report.json's `intervals` ({model: {metric:
+    {"ci95"}}})."""
 
     def point(name: str, label: str) -> tuple:
         ci = ((intervals or {}).get(name) or {}).get("score/mean")
         return (table[name]["kl"], table[name]["score/mean"], label, ci and ci["ci95"])
 
-    return {"DPO (beta sweep)": [point(dpo_names[b], f"beta={b:g}") for b in sorted(dpo_names)],
-            "PPO (KL-coefficient sweep)": [point(ppo_names[k], f"kl={k:g}")
-                                           for k in sorted(ppo_names)]}
+    return {curve: [point(name, label) for label, name in points]
+            for curve, points in sweeps.items()}

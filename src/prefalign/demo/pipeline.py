@@ -1,10 +1,11 @@
 """`prefalign demo`: the whole pipeline on the built-in sentiment task, offline.
 
 build tokenizer + tiny model -> SFT on synthetic reviews -> best-of-N pairs scored by the
-ground truth with annotator noise -> reward model -> DPO -> PPO against the learned
-reward model -> sweeps of DPO's beta and PPO's KL coefficient -> evaluate everything on
+ground truth with annotator noise -> reward model -> DPO -> PPO, GRPO, RLOO and online DPO
+against the learned reward model (demo.online) -> a sweep of each method's KL knob (DPO's,
+GRPO's, RLOO's and online DPO's beta, PPO's KL coefficient) -> evaluate everything on
 held-out prompts -> report (report.html, report.md, report.json) with the figures and the
-reward-vs-KL frontiers of both methods, as in Figure 2 of the DPO paper.
+reward-vs-KL frontiers of every method, as in Figure 2 of the DPO paper.
 
 Every stage writes into its own folder of the output directory and records what it did
 in `stage.json`; a second run reuses finished stages (with the same settings) unless
@@ -52,6 +53,12 @@ class DemoSettings:
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
     ppo_steps: int = 30
     ppo_kl_coefs: tuple[float, ...] = (0.02, 0.05, 0.2)
+    grpo_steps: int = 30
+    grpo_betas: tuple[float, ...] = (0.05, 0.2, 1.0)
+    rloo_steps: int = 30
+    rloo_betas: tuple[float, ...] = (0.05, 0.2, 0.5)
+    online_dpo_steps: int = 30
+    online_dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5)
     eval_temperature: float = 1.0
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -59,9 +66,10 @@ class DemoSettings:
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSettings:
         # The same main runs as the full demo (so the same figures), with two sweep points
-        # each instead of three: below the pipeline's learning threshold, smaller models
+        # each instead of three or four: below the pipeline's learning threshold, smaller models
         # and fewer steps only showed noise.
-        return cls(dpo_betas=(0.1, 0.5), ppo_kl_coefs=(0.05, 0.2), seed=seed)
+        return cls(dpo_betas=(0.1, 0.5), ppo_kl_coefs=(0.05, 0.2), grpo_betas=(0.05, 1.0),
+                   rloo_betas=(0.05, 0.2), online_dpo_betas=(0.1, 0.5), seed=seed)
 
     def fingerprint(self) -> str:
         # RECIPE too: a stage cached by an older recipe (other trainer options) is rerun.
@@ -70,8 +78,53 @@ class DemoSettings:
 
 
 PROMPT_TOKENS = 32  # the task's prompts are under 12 tokens
-DPO_MAIN_BETA = 0.1
-PPO_MAIN_KL = 0.05
+
+
+@dataclass(frozen=True)
+class Method:
+    """A trained method: its main run and the sweep of its KL knob. The main run's model
+    is named `key`; every sweep point's stage (and other points' model) `key-<knob><value>`."""
+
+    key: str  # "dpo": the main run's model name and the runs' key
+    title: str  # as the findings name it
+    knob: str  # the sweep's point labels: beta=0.1
+    main: float  # the knob's value in the main run
+    sweep: str  # the DemoSettings field of the sweep's values
+    curve: str  # the frontier's label
+    stage_title: str  # printed before the knob's value
+
+    def stage(self, value: float) -> str:
+        return f"{self.key}-{self.knob}{value:g}"
+
+    def model(self, value: float) -> str:
+        return self.key if value == self.main else self.stage(value)
+
+    def values(self, s: DemoSettings) -> list[float]:
+        """The sweep's values, the main run's included, in order."""
+        return sorted(set(getattr(s, self.sweep)) | {self.main})
+
+
+METHODS = (
+    Method("dpo", "DPO", "beta", 0.1, "dpo_betas", "DPO (beta sweep)", "DPO, beta"),
+    Method("ppo", "PPO", "kl", 0.05, "ppo_kl_coefs", "PPO (KL-coefficient sweep)",
+           "PPO against the reward model, KL coefficient"),
+    Method("grpo", "GRPO", "beta", 0.05, "grpo_betas", "GRPO (beta sweep)",
+           "GRPO against the reward model, beta"),
+    Method("rloo", "RLOO", "beta", 0.05, "rloo_betas", "RLOO (beta sweep)",
+           "RLOO against the reward model, beta"),
+    Method("online-dpo", "Online DPO", "beta", 0.1, "online_dpo_betas",
+           "Online DPO (beta sweep)", "online DPO ranked by the reward model, beta"),
+)
+# The frontiers the findings compare, with what the methods' papers reported: the on-policy
+# methods against PPO (the same reward model, the same prompts), the two critic-free ones
+# against each other, and online DPO against DPO on the same loss.
+COMPARISONS = (
+    ("dpo", "ppo", "The DPO paper found DPO's frontier above PPO's."),
+    ("grpo", "ppo", ""),
+    ("rloo", "ppo", "Ahmadian et al. (2024) found RLOO ahead of PPO."),
+    ("grpo", "rloo", ""),
+    ("online-dpo", "dpo", "Guo et al. (2024) found online DPO ahead of offline DPO."),
+)
 
 
 class Stages:
@@ -219,29 +272,33 @@ def train_ppo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: dic
 
 
 def _run_stages(stages: Stages, s: DemoSettings) -> dict[str, Any]:
-    """Every training stage, in order: {base, sft, pairs, reward, dpo: {beta: result},
-    ppo: {KL coefficient: result}}; each sweep includes the main run's setting."""
+    """Every training stage, in order: {base, sft, pairs, reward, and for each method of
+    METHODS its key: {knob value: result}}; each sweep includes the main run's setting."""
+    from prefalign.demo.online import train_grpo, train_online_dpo, train_rloo
+
     base = stages.run("base", "tokenizer and tiny Llama-style model", lambda f: build_base(f, s))
     sft = stages.run("sft", "SFT on synthetic reviews", lambda f: train_sft(f, s, base))
     pairs = stages.run("pairs", "best-of-N pairs, noisy annotator labels",
                        lambda f: make_pairs(f, s, sft))
     reward = stages.run("reward", "reward model", lambda f: train_reward(f, s, sft, pairs))
-    dpo = {b: stages.run(f"dpo-beta{b:g}", f"DPO, beta {b:g}",
-                         lambda f, b=b: train_dpo(f, s, sft, pairs, b))
-           for b in sorted(set(s.dpo_betas) | {DPO_MAIN_BETA})}
-    ppo = {k: stages.run(f"ppo-kl{k:g}", f"PPO against the reward model, KL coefficient {k:g}",
-                         lambda f, k=k: train_ppo(f, s, sft, pairs, reward, k))
-           for k in sorted(set(s.ppo_kl_coefs) | {PPO_MAIN_KL})}
-    return dict(base=base, sft=sft, pairs=pairs, reward=reward, dpo=dpo, ppo=ppo)
+    train = {"dpo": lambda f, v: train_dpo(f, s, sft, pairs, v),
+             "ppo": lambda f, v: train_ppo(f, s, sft, pairs, reward, v),
+             "grpo": lambda f, v: train_grpo(f, s, sft, pairs, reward, v),
+             "rloo": lambda f, v: train_rloo(f, s, sft, pairs, reward, v),
+             "online-dpo": lambda f, v: train_online_dpo(f, s, sft, pairs, reward, v)}
+    sweeps = {m.key: {v: stages.run(m.stage(v), f"{m.stage_title} {v:g}",
+                                    lambda f, m=m, v=v: train[m.key](f, v))
+                      for v in m.values(s)}
+              for m in METHODS}
+    return dict(base=base, sft=sft, pairs=pairs, reward=reward, **sweeps)
 
 
 def _compared_models(runs: dict[str, Any]) -> dict[str, str]:
     """{name: model directory}: the main runs first, then the other sweep points."""
-    dpo, ppo = runs["dpo"], runs["ppo"]
-    models = {"base": runs["base"]["model"], "sft": runs["sft"]["model"],
-              "dpo": dpo[DPO_MAIN_BETA]["model"], "ppo": ppo[PPO_MAIN_KL]["model"]}
-    models.update({f"dpo-beta{b:g}": r["model"] for b, r in dpo.items() if b != DPO_MAIN_BETA})
-    models.update({f"ppo-kl{k:g}": r["model"] for k, r in ppo.items() if k != PPO_MAIN_KL})
+    models = {"base": runs["base"]["model"], "sft": runs["sft"]["model"]}
+    models.update({m.key: runs[m.key][m.main]["model"] for m in METHODS})
+    models.update({m.stage(v): r["model"] for m in METHODS for v, r in runs[m.key].items()
+                   if v != m.main})
     return models
 
 
@@ -257,8 +314,7 @@ def _evaluate_models(root: Path, s: DemoSettings, models: dict[str, str],
                     reward_model=runs["reward"]["model"], scorer=ground_truth_scorer,
                     reference="sft", baseline="sft", sampling=sampling, progress=False,
                     runs={"sft": root / "sft", "reward": root / "reward",
-                          "dpo": root / f"dpo-beta{DPO_MAIN_BETA:g}",
-                          "ppo": root / f"ppo-kl{PPO_MAIN_KL:g}"})
+                          **{m.key: root / m.stage(m.main) for m in METHODS}})
 
 
 def run_demo(output_dir: str = "demo-output", quick: bool = False, force: bool = False,
@@ -275,19 +331,23 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, force: bool =
     print(f"[{stages.count}] evaluating {len(models)} models on held-out prompts ...", flush=True)
     eval_started = time.perf_counter()
     result = _evaluate_models(root, s, models, runs)
-    dpo_names = {**{b: f"dpo-beta{b:g}" for b in runs["dpo"]}, DPO_MAIN_BETA: "dpo"}
-    ppo_names = {**{k: f"ppo-kl{k:g}" for k in runs["ppo"]}, PPO_MAIN_KL: "ppo"}
-    front = frontiers(result.metrics, dpo_names, ppo_names, result.intervals)
+    sweeps = {m.curve: [(f"{m.knob}={v:g}", m.model(v)) for v in runs[m.key]] for m in METHODS}
+    front = frontiers(result.metrics, sweeps, result.intervals)
     stages.seconds["evaluate"] = time.perf_counter() - eval_started
     seconds = sum(stages.seconds.values())
     report = dict(result.report)
     report["title"] = "prefalign demo: steering reviews toward positive sentiment"
+    # Each point names its model: the plot draws it on its curve, with its interval. Joined
+    # in KL order, as the comparisons read the curves (a knob's order need not be KL's).
     report["frontier"] = {"y": "score/mean", "curves": normalize_frontier(
-        {label: [p[:3] for p in points] for label, points in front.items()})}
-    report["findings"] = findings(result.metrics, runs["reward"], front, seconds)
+        {curve: sorted((*p[:3], name) for p, (_, name) in zip(front[curve], points))
+         for curve, points in sweeps.items()})}
+    report["findings"] = findings(
+        result.metrics, runs["reward"], front, seconds, result.intervals,
+        methods={m.key: (m.title, m.curve) for m in METHODS}, comparisons=COMPARISONS)
     report["demo"] = {"settings": asdict(s), "stage_seconds": stages.seconds,
                       "total_seconds": seconds, "reward_model": runs["reward"],
-                      "dpo": runs["dpo"], "ppo": runs["ppo"]}
+                      **{m.key: runs[m.key] for m in METHODS}}
     paths = write_report(report, root / "report")
     for line in report["findings"]:
         print("  " + line)

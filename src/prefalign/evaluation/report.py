@@ -10,7 +10,7 @@ again with `write_report(json.loads(...), output_dir)`:
     metric_info: {name: {label, description}}   model is left out
     intervals: {model: {name: {value, ci95: [lo, hi]}}}   shown as "value ± h", h half
     bootstrap: {resamples, seed, level, ...}            the interval's width; optional
-    frontier: {y: metric name or None, curves: {label: [{kl, reward, label}]}}
+    frontier: {y: metric name or None, curves: {label: [{kl, reward, label, model?}]}}
     runs: {name: {path, curves: {metric: [[step, value], ...]}}}
     examples: [{prompt_index, prompt, responses: {model: {text, reward?, score?, ...}}}]
 
@@ -39,7 +39,7 @@ from prefalign.evaluation.report_table import finite_number, interval
 # Metrics of each trainer worth a panel, in panel order; other keys (lr, grad_norm) are not.
 CURVE_KEYS = ("loss", "eval/loss", "rewards/margins", "rewards/accuracies", "accuracy",
               "margin", "eval/accuracy", "eval/ece", "token_accuracy", "objective/scores",
-              "objective/kl", "objective/rlhf_reward", "kl_coef")
+              "objective/kl", "objective/rlhf_reward", "kl_coef", "reward", "kl")
 
 
 def load_run_curves(path: str | Path, keys: tuple[str, ...] = CURVE_KEYS) -> dict[str, Any]:
@@ -63,7 +63,8 @@ def load_run_curves(path: str | Path, keys: tuple[str, ...] = CURVE_KEYS) -> dic
 
 def normalize_frontier(frontier: Mapping[str, Sequence[Sequence]] | None
                        ) -> dict[str, list[dict[str, Any]]]:
-    """{label: [(kl, reward[, point label]), ...]} -> {label: [{kl, reward, label}]}.
+    """{label: [(kl, reward[, point label[, model]]), ...]} -> {label: [{kl, reward, label}]}
+    (+ "model" when given: the evaluated model the point is, drawn on its curve only).
 
     A sweep (DPO's beta, PPO's KL coefficient) is one label with one point per setting;
     points are joined in the order given, so pass them sorted to draw a curve.
@@ -72,11 +73,14 @@ def normalize_frontier(frontier: Mapping[str, Sequence[Sequence]] | None
     for label, points in (frontier or {}).items():
         curve = []
         for p in points:
-            if isinstance(p, str) or len(p) not in (2, 3):
-                raise ConfigError(f"frontier {label!r}: a point is (kl, reward) or "
-                                  f"(kl, reward, label), got {p!r}")
-            curve.append({"kl": float(p[0]), "reward": float(p[1]),
-                          "label": str(p[2]) if len(p) == 3 and p[2] is not None else None})
+            if isinstance(p, str) or len(p) not in (2, 3, 4):
+                raise ConfigError(f"frontier {label!r}: a point is (kl, reward), "
+                                  f"(kl, reward, label) or (kl, reward, label, model), got {p!r}")
+            point = {"kl": float(p[0]), "reward": float(p[1]),
+                     "label": str(p[2]) if len(p) >= 3 and p[2] is not None else None}
+            if len(p) == 4:
+                point["model"] = str(p[3])
+            curve.append(point)
         curves[str(label)] = curve
     return curves
 
@@ -105,10 +109,16 @@ def make_plots(report: dict[str, Any]) -> list[dict[str, Any]]:
     plots = []
     frontier = report.get("frontier") or {}
     y = frontier.get("y")
+    curves = frontier.get("curves") or {}
+    # A model that is a point of a sweep is drawn there, not again apart, with its reward's
+    # interval (what the sweeps are compared by; KL bars on every point would hide them).
+    swept = {p["model"] for curve in curves.values() for p in curve if p.get("model")}
     points = [(name, m["kl"], m[y], interval(report, name, "kl"), interval(report, name, y))
               for name, m in report.get("metrics", {}).items()
-              if y and m.get("kl") is not None and m.get(y) is not None]
-    curves = frontier.get("curves") or {}
+              if y and name not in swept and m.get("kl") is not None and m.get(y) is not None]
+    curves = {label: [{**p, "reward_ci": interval(report, p["model"], y)}
+                      if p.get("model") and y else p for p in curve]
+              for label, curve in curves.items()}
     if points or curves:
         label = report.get("metric_info", {}).get(y, {}).get("description", y) if y else "reward"
         plots.append({"id": "frontier", "file": "frontier.png", "title": "Reward vs KL",
