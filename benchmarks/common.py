@@ -118,17 +118,20 @@ def trl_clock(stamps: list[tuple[float, float]]):
 
 
 def prefalign_clock(stamps: list[tuple[float, float]]) -> None:
-    """Append a stamp() after every optimizer step of prefalign's loop (this process only)."""
+    """Append a stamp() after every training step of prefalign's loops, the offline one and
+    the on-policy one (whose step is one rollout and its updates), in this process only."""
+    from prefalign.algorithms.onpolicy import OnPolicyTrainer
     from prefalign.train.loop import Trainer
 
-    step = Trainer._train_step
+    for cls in (Trainer, OnPolicyTrainer):
+        step = cls.__dict__["_train_step"]
 
-    def timed(self, *args, **kwargs):
-        out = step(self, *args, **kwargs)
-        stamps.append(stamp())
-        return out
+        def timed(self, *args, _step=step, **kwargs):
+            out = _step(self, *args, **kwargs)
+            stamps.append(stamp())
+            return out
 
-    Trainer._train_step = timed
+        cls._train_step = timed
 
 
 def report(mode: str, stamps: list[tuple[float, float]], warmup: int) -> str:
