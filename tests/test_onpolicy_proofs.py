@@ -2,9 +2,10 @@
 processes and 2 processes equal 1 on the same prompts and global batch; kill -9 while a
 checkpoint is written, then --resume, equals an uninterrupted run.
 
-The 2-process runs are `accelerate launch`es of grpo, rloo, reinforce-pp and online-dpo
-(gloo on the CPU, as in test_distributed); their reward function logs which process scored which prompt. The kill -9
-harness is test_faults' (a child whose save of checkpoint 4 hangs, killed there)."""
+The 2-process runs are `accelerate launch`es of ppo, grpo, rloo, reinforce-pp and
+online-dpo (gloo on the CPU, as in test_distributed); their reward function logs which
+process scored which prompt. The kill -9 harness is test_faults' (a child whose save of
+checkpoint 4 hangs, killed there)."""
 
 import importlib
 import json
@@ -118,9 +119,11 @@ def letter_e_logged(prompt, response):
 '''
 
 
-# Each command with G = 2 samples per prompt and a reference (its KL knob at 0.1).
+# Each command with a reference (its KL knob at 0.1) and G = 2 samples per prompt (PPO: one,
+# and one pass over each rollout: later passes shuffle each process's rows on their own).
 TWO_PROCESS_FLAGS = {
     "grpo": ["--num-generations", "2", "--beta", "0.1"],
+    "ppo": ["--ppo-epochs", "1", "--kl-coef", "0.1"],
     "rloo": ["--num-generations", "2", "--beta", "0.1"],
     "reinforce-pp": ["--num-generations", "2", "--kl-coef", "0.1"],
     "online-dpo": ["--beta", "0.1"],
@@ -174,10 +177,11 @@ def test_two_processes_equal_one_and_keep_groups_whole(command, tmp_path, tiny_m
 
     scored = [[json.loads(line) for line in (tmp_path / f"scored.{r}").read_text().splitlines()]
               for r in range(2)]
-    assert len(scored[0]) == len(scored[1]) == 3 * 2 * 2  # steps x prompts x G per process
+    g = 1 if command == "ppo" else 2
+    assert len(scored[0]) == len(scored[1]) == 3 * 2 * g  # steps x prompts x G per process
     assert not set(scored[0]) & set(scored[1])  # no prompt scored on both processes
     for rows in scored:
-        assert all(rows.count(p) == 2 for p in rows)  # each prompt's G samples, together
+        assert all(rows.count(p) == g for p in rows)  # each prompt's G samples, together
 
 
 # -- kill -9, then --resume, for every on-policy command -------------------------------------

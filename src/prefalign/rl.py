@@ -69,9 +69,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     return advantages, (advantages + values) * mask
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var(R - V) / Var(R): 1 for a perfect critic, 0 for a constant one."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor,
+                       reduce: Reduce | None = None) -> Tensor:
+    """1 - Var(R - V) / Var(R): 1 for a perfect critic, 0 for a constant one. `reduce`
+    (masked.py): the variances of every process's tokens, as one process holding them all."""
+    return 1 - (masked_var(returns - values, mask, reduce=reduce)
+                / masked_var(returns, mask, reduce=reduce).clamp(min=1e-8))
 
 
 class AdaptiveKLController:

@@ -251,8 +251,8 @@ class PPO:
             "objective/non_score_reward": -kl_coef * kl_sum / n,
             "objective/rlhf_reward": rlhf_sum / n,
             "objective/entropy": entropy_sum / n,
-            # Per process, averaged over processes when logged (not a sum of parts).
-            "val/explained_variance": explained_variance(values, returns, mask).item(),
+            "val/explained_variance": explained_variance(values, returns, mask,
+                                                         reduce=self.sum_across).item(),
             "val/mean": value_sum / max(tokens, 1.0),
             "kl_coef": kl_coef,
             "response_length": tokens / n,
