@@ -150,7 +150,7 @@ def test_help_shows_the_sections_in_order():
         "dpo": ["model", "data", "eval", "optim", "run", "reference", "dpo"],
         "kto": ["model", "data", "eval", "optim", "run", "reference", "kto"],
         "reward": ["model", "data", "eval", "optim", "run", "reward"],
-        "ppo": ["model", "data", "optim", "run", "sampling", "ppo"],
+        "ppo": ["model", "data", "optim", "run", "rewards", "sampling", "ppo"],
         "iterate": ["model", "data", "eval", "optim", "run", "sampling", "dpo", "iterate"],
     }
     for name, parser in trainer_parsers().items():

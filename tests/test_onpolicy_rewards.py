@@ -157,7 +157,7 @@ def test_yaml_list_and_yaml_string(tmp_path):
     """A YAML list gives one term per item; a YAML string holding commas stays one spec."""
     from prefalign.algorithms.grpo import GRPOConfig
     path = tmp_path / "c.yaml"
-    path.write_text("model: m\ndata: d\ngrpo:\n  reward_fn: ['length(min=1,max=6)', "
+    path.write_text("model: m\ndata: d\nrewards:\n  reward_fn: ['length(min=1,max=6)', "
                     "'regex(pattern=e)']\n  reward_weights: [1, 0.5]\n")
     cfg = build_config(GRPOConfig, load_yaml(path))
     assert cfg.reward_fn == ["length(min=1,max=6)", "regex(pattern=e)"]

@@ -63,13 +63,10 @@ from prefalign.rl import (
 
 @dataclass(frozen=True)
 class GRPOOptions(Section):
-    """The grpo section: the scorer, the group size, the clipped update and its reduction."""
+    """The grpo section: the group size, the clipped update and its reduction."""
 
     SECTION = "grpo"
 
-    reward_model: str | None = option_like(PPOOptions, "reward_model", None)
-    reward_fn: list[str] | None = option_like(PPOOptions, "reward_fn", None)
-    reward_weights: list[float] | None = option_like(PPOOptions, "reward_weights", None)
     num_generations: int = option(8, "responses sampled per prompt (G, the group size)")
     loss_type: str = option("dapo", "reduction of the per-token losses, as TRL's loss_type",
                             choices=tuple(GRPO_LOSS_TYPES))
@@ -93,8 +90,6 @@ class GRPOOptions(Section):
         "not 1 for an unchanged policy")
 
     def validate(self) -> None:
-        require(not (self.reward_model and self.reward_fn), "reward_model",
-                "and reward_fn exclude each other: give one")
         require(self.num_generations >= 2, "num_generations",
                 "must be >= 2 (advantages are relative to the group)")
         require(self.epsilon > 0, "epsilon", "must be > 0")

@@ -67,13 +67,10 @@ ONLINE_LOSS_TYPES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class OnlineDPOOptions(Section):
-    """The online_dpo section: the scorer, the EOS penalty and the preference loss."""
+    """The online_dpo section: the judge, the EOS penalty and the preference loss."""
 
     SECTION = "online_dpo"
 
-    reward_model: str | None = option_like(PPOOptions, "reward_model", None)
-    reward_fn: list[str] | None = option_like(PPOOptions, "reward_fn", None)
-    reward_weights: list[float] | None = option_like(PPOOptions, "reward_weights", None)
     judge: str | None = option(
         None, "local judge model directory instead of a scorer: asked which response of each "
         "pair is better, in both orders; a pair without a consistent verdict is left out")
@@ -91,8 +88,6 @@ class OnlineDPOOptions(Section):
         "weights only (TRL's OnlineDPOTrainer does by default)")
 
     def validate(self) -> None:
-        require(not (self.reward_model and self.reward_fn), "reward_model",
-                "and reward_fn exclude each other: give one")
         require(not (self.judge and (self.reward_model or self.reward_fn)), "judge",
                 "excludes reward_model and reward_fn: give one")
         require(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,

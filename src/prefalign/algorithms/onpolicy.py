@@ -46,7 +46,7 @@ from prefalign.generation_engine import EngineOptions, make_engine
 from prefalign.logprobs import LogpsModel
 from prefalign.rl import nanstd
 from prefalign.scoring import Scorer, TextPrompts, load_scorer, row_columns
-from prefalign.scoring.rewards import check_config_rewards, config_rewards
+from prefalign.scoring.rewards import RewardOptions, check_config_rewards, config_rewards
 from prefalign.text import warn
 from prefalign.train.loop import Trainer, TrainResult
 from prefalign.train.run import Run
@@ -98,9 +98,9 @@ def gather_across(accelerator: Any, values: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class OnPolicyConfig(ModelOptions, PromptDataOptions, OptimOptions, MergeOption, RunOptions,
-                     EngineOptions, SamplingOptions):
+                     RewardOptions, EngineOptions, SamplingOptions):
     """The sections every on-policy command composes with its own (PPOConfig, GRPOConfig):
-    model, prompts, optim, run, sampling. No eval set and no truncation or length options:
+    model, prompts, optim, run, reward, sampling. No eval set and no truncation or length options:
     prompts are sampled from as they are. A command sets COMMAND and may redeclare the
     temperature default with option_like."""
 

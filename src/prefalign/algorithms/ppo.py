@@ -48,25 +48,15 @@ from prefalign.rl import (
     kl_estimate,
     shaped_rewards,
 )
-from prefalign.scoring.spec import SCORER_HELP
 from prefalign.train.run import Run
 
 
 @dataclass(frozen=True)
 class PPOOptions(Section):
-    """The ppo section: the scorer, the critic, the KL penalty, GAE and the clipped update."""
+    """The ppo section: the critic, the KL penalty, GAE and the clipped update."""
 
     SECTION = "ppo"
 
-    reward_model: str | None = option(None, "reward model directory (from prefalign reward)")
-    reward_fn: list[str] | None = option(
-        None, "a reward instead of a reward model; repeatable (YAML: a list), the rewards "
-        "are summed (weights: reward_weights) and each is logged as rewards/<name>/mean and "
-        "/std; a function in TRL's form may return None for a sample it does not score "
-        "(left out of that sample's sum). Each SPEC is " + SCORER_HELP, action="append", metavar="SPEC")
-    reward_weights: list[float] | None = option(
-        None, "one weight per reward_fn term, in order, as TRL's reward_weights (e.g. 1,0.5); "
-        "none: each term counts 1, or its spec's :W")
     value_model: str | None = option(
         None, "initialise a separate critic from the backbone of this reward model (or "
         "causal LM) dir; none = value head on the policy backbone")
@@ -95,8 +85,6 @@ class PPOOptions(Section):
         "PPOTrainer always switches it off)")
 
     def validate(self) -> None:
-        require(not (self.reward_model and self.reward_fn), "reward_model",
-                "and reward_fn exclude each other: give one")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         require(self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0")
         require(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")

@@ -64,13 +64,10 @@ from prefalign.rl import (
 
 @dataclass(frozen=True)
 class ReinforcePPOptions(Section):
-    """The reinforce-pp section: the scorer, the KL-shaped returns, the clipped update."""
+    """The reinforce-pp section: the KL-shaped returns, the clipped update."""
 
     SECTION = "reinforce-pp"
 
-    reward_model: str | None = option_like(PPOOptions, "reward_model", None)
-    reward_fn: list[str] | None = option_like(PPOOptions, "reward_fn", None)
-    reward_weights: list[float] | None = option_like(PPOOptions, "reward_weights", None)
     num_generations: int = option(
         1, "responses sampled per prompt (OpenRLHF's n_samples_per_prompt)")
     baseline: bool = option(
@@ -93,8 +90,6 @@ class ReinforcePPOptions(Section):
         "not 1 for an unchanged policy")
 
     def validate(self) -> None:
-        require(not (self.reward_model and self.reward_fn), "reward_model",
-                "and reward_fn exclude each other: give one")
         require(self.num_generations >= 1, "num_generations", "must be >= 1")
         require(not self.baseline or self.num_generations >= 2, "num_generations",
                 "must be >= 2 with baseline (the baseline is the mean score of the prompt)")

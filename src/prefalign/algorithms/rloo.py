@@ -57,13 +57,10 @@ from prefalign.rl import (
 
 @dataclass(frozen=True)
 class RLOOOptions(Section):
-    """The rloo section: the scorer, the group size, the KL in the reward, the clipped update."""
+    """The rloo section: the group size, the KL in the reward, the clipped update."""
 
     SECTION = "rloo"
 
-    reward_model: str | None = option_like(PPOOptions, "reward_model", None)
-    reward_fn: list[str] | None = option_like(PPOOptions, "reward_fn", None)
-    reward_weights: list[float] | None = option_like(PPOOptions, "reward_weights", None)
     num_generations: int = option(
         2, "responses sampled per prompt (G): each one's baseline is the mean reward of the "
         "other G - 1")
@@ -88,8 +85,6 @@ class RLOOOptions(Section):
         "not 1 for an unchanged policy")
 
     def validate(self) -> None:
-        require(not (self.reward_model and self.reward_fn), "reward_model",
-                "and reward_fn exclude each other: give one")
         require(self.num_generations >= 2, "num_generations",
                 "must be >= 2 (the baseline is the mean of the other samples of the prompt)")
         require(self.beta >= 0, "beta", "must be >= 0")

@@ -5,11 +5,37 @@ WeightedSum, whose reward_terms the trainers log one by one (rewards/<name>/mean
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from prefalign.config import Section, option, require
 from prefalign.errors import ConfigError
 from prefalign.scoring.base import Scorer, term_name
-from prefalign.scoring.spec import Term, combine_terms, is_dir, parse_spec
+from prefalign.scoring.spec import SCORER_HELP, Term, combine_terms, is_dir, parse_spec
+
+
+@dataclass(frozen=True)
+class RewardOptions(Section):
+    """The reward section of every on-policy command: a reward model, or reward functions
+    with one weight each."""
+
+    SECTION = "rewards"
+
+    reward_model: str | None = option(None, "reward model directory (from prefalign reward)")
+    reward_fn: list[str] | None = option(
+        None, "a reward instead of a reward model; repeatable (YAML: a list), the rewards "
+        "are summed (weights: reward_weights) and each is logged as rewards/<name>/mean and "
+        "/std; a function in TRL's form may return None for a sample it does not score "
+        "(left out of that sample's sum). Each SPEC is " + SCORER_HELP, action="append",
+        metavar="SPEC")
+    reward_weights: list[float] | None = option(
+        None, "one weight per reward_fn term, in order, as TRL's reward_weights (e.g. 1,0.5); "
+        "none: each term counts 1, or its spec's :W")
+
+    def validate(self) -> None:
+        require(not (self.reward_model and self.reward_fn), "reward_model",
+                "and reward_fn exclude each other: give one")
+        super().validate()
 
 
 def config_rewards(config: Any, scorer: Callable | None) -> Scorer:
