@@ -149,6 +149,10 @@ def _run_command(args: argparse.Namespace) -> int:
     if getattr(config, "allow_download", False):
         allow_downloads()
     code = getattr(module, run_name)(config)  # trainers return nothing
+    if "torch.distributed" in sys.modules:  # a command that imported torch may have launched
+        from prefalign.train.distributed import end_process_group
+
+        end_process_group()
     return code if type(code) is int else 0
 
 

@@ -217,3 +217,15 @@ def full_model(module: nn.Module, accelerator: Accelerator) -> Iterator[nn.Modul
         yield whole.get_submodule(path) if path else whole
         return
     yield module if accelerator.is_main_process else None
+
+
+def end_process_group() -> None:
+    """After a command that ran under `accelerate launch` / torchrun: every process waits
+    for the others, then the process group is destroyed. Left to interpreter exit, gloo's
+    threads could be torn down while still joined to a peer, and a process would abort
+    ("terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
