@@ -32,19 +32,15 @@ from torch import Tensor
 from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
-    fit_on_policy,
     gather_across,
-    open_on_policy_run,
     pad_rows,
-    rollout_scorer,
+    train_critic_free,
 )
 from prefalign.algorithms.ppo import PPOOptions
-from prefalign.algorithms.reference import make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
 from prefalign.errors import ConfigError
 from prefalign.generation import SamplingOptions
-from prefalign.logprobs import LogpsModel
 from prefalign.losses import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -239,9 +235,4 @@ def run_grpo(config: GRPOConfig, accelerator=None, scorer: Callable | None = Non
     scorer: a Python function (prompts, responses) -> scores (or one taking a single
     pair), used instead of config.reward_model / reward_fn.
     """
-    run, prompts = open_on_policy_run(config, accelerator, scorer, "GRPO")
-    score = rollout_scorer(run, config, scorer)
-    reference = make_reference(run, config) if config.beta > 0 else None
-    algorithm = GRPO(config, run.tokenizer.pad_token_id, run.accelerator, reference)
-    model = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
-    return fit_on_policy(run, algorithm, prompts, model=model, scorer=score)
+    return train_critic_free(config, accelerator, scorer, "GRPO", GRPO, config.beta)

@@ -390,6 +390,22 @@ def open_on_policy_run(config: Any, accelerator: Any, scorer: Callable | None, n
     return run, prompts
 
 
+def train_critic_free(config: Any, accelerator: Any, scorer: Callable | None, name: str,
+                      algorithm_cls: Callable, kl_coef: float) -> TrainResult:
+    """The whole run of a critic-free algorithm that scores rollouts with the config's
+    rewards (GRPO, RLOO, REINFORCE++): open the run, build the reference only when the KL
+    coefficient `kl_coef` is > 0, train `algorithm_cls(config, pad id, accelerator,
+    reference)` on the model's log-probs, write OUTPUT/final."""
+    from prefalign.algorithms.reference import make_reference
+
+    run, prompts = open_on_policy_run(config, accelerator, scorer, name)
+    score = rollout_scorer(run, config, scorer)
+    reference = make_reference(run, config) if kl_coef > 0 else None
+    algorithm = algorithm_cls(config, run.tokenizer.pad_token_id, run.accelerator, reference)
+    model = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
+    return fit_on_policy(run, algorithm, prompts, model=model, scorer=score)
+
+
 def rollout_scorer(run: Run, config: Any, scorer: Callable | None) -> Scorer:
     """The scorer of the rollouts: `scorer` (a Python function), else the reward model or
     the reward_fn terms, weighted by reward_weights; chat prompts reach it rendered as text."""

@@ -39,19 +39,15 @@ from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
     collate_rollout,
-    fit_on_policy,
     gather_across,
-    open_on_policy_run,
     pad_rows,
-    rollout_scorer,
     sum_across,
+    train_critic_free,
 )
 from prefalign.algorithms.ppo import PPOOptions
-from prefalign.algorithms.reference import make_reference
 from prefalign.batches import RolloutBatch
 from prefalign.config import Section, option, option_like, require
 from prefalign.generation import SamplingOptions
-from prefalign.logprobs import LogpsModel
 from prefalign.losses import grpo_policy_loss
 from prefalign.masked import masked_mean
 from prefalign.rl import (
@@ -216,9 +212,4 @@ def run_reinforce_pp(config: ReinforcePPConfig, accelerator=None,
     scorer: a Python function (prompts, responses) -> scores (or one taking a single
     pair), used instead of config.reward_model / reward_fn.
     """
-    run, prompts = open_on_policy_run(config, accelerator, scorer, "REINFORCE++")
-    score = rollout_scorer(run, config, scorer)
-    reference = make_reference(run, config) if config.kl_coef > 0 else None
-    algorithm = ReinforcePP(config, run.tokenizer.pad_token_id, run.accelerator, reference)
-    model = LogpsModel(run.model, chunk_size=config.logps_chunk_size)
-    return fit_on_policy(run, algorithm, prompts, model=model, scorer=score)
+    return train_critic_free(config, accelerator, scorer, "REINFORCE++", ReinforcePP, config.kl_coef)
