@@ -1,14 +1,19 @@
 """GRPO end to end on a tiny model with a rule-based reward: the first update's ratio is 1,
 groups stay together, the reward rises, resume equals an uninterrupted run, the CLI."""
 
-import dataclasses
-import shutil
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import letter_e, run_cli, write_review_prompts
+from helpers import (
+    assert_resume_equals_uninterrupted,
+    letter_e,
+    on_policy_config,
+    run_cli,
+    write_review_prompts,
+)
 from prefalign.algorithms import grpo as grpo_module
 from prefalign.algorithms.grpo import GRPO, GRPOConfig, run_grpo
 from prefalign.algorithms.onpolicy import Rollout
@@ -20,13 +25,7 @@ def prompts(tmp_path):
     return write_review_prompts(tmp_path)
 
 
-def config(tmp_path, model_dir, data, **kw):
-    base = dict(model=str(model_dir), data=data, output_dir=str(tmp_path / "out"), batch_size=4,
-                grad_accum=1, max_steps=2, learning_rate=5e-3, lora_r=8, logging_steps=1,
-                warmup_ratio=0.0, max_new_tokens=8, temperature=1.0, num_generations=4, seed=3,
-                lr_scheduler="constant")
-    base.update(kw)
-    return GRPOConfig(**base)
+config = partial(on_policy_config, GRPOConfig, temperature=1.0, num_generations=4)
 
 
 def test_first_update_of_each_rollout_has_ratio_one(tmp_path, tiny_model_dir, prompts,
@@ -123,18 +122,8 @@ def test_grpo_raises_the_reward(tmp_path, tiny_model_dir, prompts):
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts):
     """dapo (the default): its loss units are tokens, weighted over each update."""
-    kw = dict(max_steps=4, num_generations=2, batch_size=2, grad_accum=2)
-    full = run_grpo(config(tmp_path / "a", tiny_model_dir, prompts, **kw), scorer=letter_e)
-    part_cfg = config(tmp_path / "b", tiny_model_dir, prompts, save_steps=2, **kw)
-    run_grpo(part_cfg, scorer=letter_e)
-    shutil.rmtree(tmp_path / "b" / "out" / "checkpoints" / "step-0000004")
-    resumed = run_grpo(dataclasses.replace(part_cfg, resume=True), scorer=letter_e)
-    assert [r["step"] for r in resumed.history] == [3, 4]
-    for a, b in zip(full.history[2:], resumed.history):
-        assert set(a) == set(b)
-        for key in a:
-            if key != "elapsed_s":
-                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert_resume_equals_uninterrupted(run_grpo, config, tmp_path, tiny_model_dir, prompts,
+                                       letter_e, num_generations=2, batch_size=2, grad_accum=2)
 
 
 def test_help_lists_the_grpo_section(capsys):

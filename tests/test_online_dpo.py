@@ -2,16 +2,21 @@
 same pairs, the ranking rule, and end to end on a tiny model (the reward rises, resume
 equals an uninterrupted run, the CLI)."""
 
-import dataclasses
 import math
-import shutil
 import warnings
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import letter_e, run_cli, write_review_prompts
+from helpers import (
+    assert_resume_equals_uninterrupted,
+    letter_e,
+    on_policy_config,
+    run_cli,
+    write_review_prompts,
+)
 from prefalign.algorithms.online_dpo import (
     JudgeRanking,
     OnlineDPO,
@@ -35,12 +40,7 @@ def prompts(tmp_path):
     return write_review_prompts(tmp_path)
 
 
-def config(tmp_path, model_dir, data, **kw):
-    base = dict(model=str(model_dir), data=data, output_dir=str(tmp_path / "out"), batch_size=4,
-                grad_accum=1, max_steps=2, learning_rate=5e-3, lora_r=8, logging_steps=1,
-                warmup_ratio=0.0, max_new_tokens=8, seed=3, lr_scheduler="constant")
-    base.update(kw)
-    return OnlineDPOConfig(**base)
+config = partial(on_policy_config, OnlineDPOConfig)
 
 
 # -- the same pairs through TRL's OnlineDPOTrainer.training_step and through ours ---------
@@ -256,18 +256,9 @@ def test_online_dpo_raises_the_reward(tmp_path, tiny_model_dir, prompts):
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts):
-    kw = dict(max_steps=4, batch_size=2, grad_accum=2, missing_eos_penalty=0.5)
-    full = run_online_dpo(config(tmp_path / "a", tiny_model_dir, prompts, **kw), scorer=letter_e)
-    part_cfg = config(tmp_path / "b", tiny_model_dir, prompts, save_steps=2, **kw)
-    run_online_dpo(part_cfg, scorer=letter_e)
-    shutil.rmtree(tmp_path / "b" / "out" / "checkpoints" / "step-0000004")
-    resumed = run_online_dpo(dataclasses.replace(part_cfg, resume=True), scorer=letter_e)
-    assert [r["step"] for r in resumed.history] == [3, 4]
-    for a, b in zip(full.history[2:], resumed.history):
-        assert set(a) == set(b)
-        for key in a:
-            if key != "elapsed_s":
-                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert_resume_equals_uninterrupted(run_online_dpo, config, tmp_path, tiny_model_dir, prompts,
+                                       letter_e, batch_size=2, grad_accum=2,
+                                       missing_eos_penalty=0.5)
 
 
 def test_a_local_judge_model_ranks_the_pairs(tmp_path, tiny_model_dir, prompts):

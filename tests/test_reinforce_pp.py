@@ -2,15 +2,20 @@
 the whole (global) batch, the baseline variant, ratio 1 on the first update, the reward
 rises, resume equals an uninterrupted run, bad options end in one line."""
 
-import dataclasses
 import math
-import shutil
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import letter_e, run_cli, write_review_prompts
+from helpers import (
+    assert_resume_equals_uninterrupted,
+    letter_e,
+    on_policy_config,
+    run_cli,
+    write_review_prompts,
+)
 from prefalign.algorithms import reinforce_pp as rpp_module
 from prefalign.algorithms.onpolicy import Rollout
 from prefalign.algorithms.reinforce_pp import ReinforcePP, ReinforcePPConfig, run_reinforce_pp
@@ -23,13 +28,7 @@ def prompts(tmp_path):
     return write_review_prompts(tmp_path)
 
 
-def config(tmp_path, model_dir, data, **kw):
-    base = dict(model=str(model_dir), data=data, output_dir=str(tmp_path / "out"), batch_size=4,
-                grad_accum=1, max_steps=2, learning_rate=5e-3, lora_r=8, logging_steps=1,
-                warmup_ratio=0.0, max_new_tokens=8, temperature=1.0, seed=3,
-                lr_scheduler="constant")
-    base.update(kw)
-    return ReinforcePPConfig(**base)
+config = partial(on_policy_config, ReinforcePPConfig, temperature=1.0)
 
 
 def row(prompt_len: int, old: list[float], ref: list[float]) -> dict:
@@ -182,20 +181,9 @@ def test_reinforce_pp_raises_the_reward(tmp_path, tiny_model_dir, prompts):
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts):
     """The baseline variant, with a reference (LoRA: adapters off)."""
-    kw = dict(max_steps=4, num_generations=2, batch_size=2, grad_accum=2, kl_coef=0.1,
-              baseline=True)
-    full = run_reinforce_pp(config(tmp_path / "a", tiny_model_dir, prompts, **kw),
-                            scorer=letter_e)
-    part_cfg = config(tmp_path / "b", tiny_model_dir, prompts, save_steps=2, **kw)
-    run_reinforce_pp(part_cfg, scorer=letter_e)
-    shutil.rmtree(tmp_path / "b" / "out" / "checkpoints" / "step-0000004")
-    resumed = run_reinforce_pp(dataclasses.replace(part_cfg, resume=True), scorer=letter_e)
-    assert [r["step"] for r in resumed.history] == [3, 4]
-    for a, b in zip(full.history[2:], resumed.history):
-        assert set(a) == set(b)
-        for key in a:
-            if key != "elapsed_s":
-                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert_resume_equals_uninterrupted(run_reinforce_pp, config, tmp_path, tiny_model_dir,
+                                       prompts, letter_e, num_generations=2, batch_size=2,
+                                       grad_accum=2, kl_coef=0.1, baseline=True)
 
 
 def test_help_lists_the_reinforce_pp_section(capsys):
