@@ -32,6 +32,7 @@ from torch import Tensor
 from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
+    Stateless,
     gather_across,
     pad_rows,
     train_critic_free,
@@ -116,7 +117,7 @@ class GRPOBatch(RolloutBatch):
     keep: Tensor | None = None
 
 
-class GRPO:
+class GRPO(Stateless):
     """GRPO's choices on the on-policy loop: G samples per prompt, no critic, group-relative
     advantages, the clipped surrogate (+ beta * k3) reduced by loss_type."""
 
@@ -179,15 +180,6 @@ class GRPO:
         num_items = mask.sum() if c.loss_type == "dapo" else None
         loss = grpo_aggregate(c.loss_type, losses, mask, c.max_new_tokens, num_items)
         return loss, {**stats, "entropy": masked_mean(out.entropy, mask)}
-
-    def stop_early(self) -> bool:
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # nothing adapts between iterations
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     # -- advantages ---------------------------------------------------------------------
     def advantages(self, rollout: Rollout) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from torch import Tensor
 from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
+    Stateless,
     fit_on_policy,
     gather_across,
     open_on_policy_run,
@@ -169,7 +170,7 @@ def _kept_mean(values: Tensor, keep: Tensor) -> Tensor:
     return (values * keep).sum() / keep.sum().clamp(min=1)
 
 
-class OnlineDPO:
+class OnlineDPO(Stateless):
     """Online DPO's choices on the on-policy loop: two samples per prompt, ranked by their
     scores, one update of the DPO-family loss on the pairs against the reference."""
 
@@ -266,15 +267,6 @@ class OnlineDPO:
         if not c.judge:
             metrics["objective/rlhf_reward"] = (batch.scores - c.beta * kl).nanmean()
         return _kept_mean(result.losses, keep), metrics
-
-    def stop_early(self) -> bool:
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # nothing adapts between iterations
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def judge_ranking(config: OnlineDPOConfig) -> JudgeRanking:

@@ -148,6 +148,21 @@ class OnPolicyAlgorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Stateless:
+    """The OnPolicyAlgorithm methods of an algorithm that never ends a rollout's updates
+    early and carries nothing between iterations (GRPO, RLOO, REINFORCE++, online DPO;
+    PPO has an approx-KL stop and an adaptive KL coefficient)."""
+
+    def stop_early(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass
 class Rollout:
     """One iteration's samples: per sample its prompt row, response text and row of

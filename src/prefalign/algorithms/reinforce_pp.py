@@ -38,6 +38,7 @@ from prefalign.algorithms.grpo import GRPOOptions
 from prefalign.algorithms.onpolicy import (
     OnPolicyConfig,
     Rollout,
+    Stateless,
     collate_rollout,
     gather_across,
     pad_rows,
@@ -112,7 +113,7 @@ class ReinforcePPConfig(OnPolicyConfig, ReinforcePPOptions):
                                      "sampling temperature (> 0: REINFORCE++ needs sampling)")
 
 
-class ReinforcePP:
+class ReinforcePP(Stateless):
     """REINFORCE++'s choices on the on-policy loop: no critic, KL-shaped token rewards,
     discounted returns whitened over the global batch, the clipped surrogate."""
 
@@ -149,15 +150,6 @@ class ReinforcePP:
                                          epsilon_high=c.epsilon_high)
         stats["entropy"] = masked_mean(out.entropy.detach(), out.mask)
         return masked_mean(losses, out.mask), stats
-
-    def stop_early(self) -> bool:
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the KL coefficient is fixed: nothing adapts between iterations
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     # -- advantages ---------------------------------------------------------------------
     def advantages(self, rollout: Rollout) -> dict[str, Any]:
