@@ -77,7 +77,7 @@ def test_none_is_left_out_of_the_sum_as_trl_does():
 
 
 def trainer_self(scorer, unscorable: bool):
-    algorithm = SimpleNamespace(unscorable_rewards=True) if unscorable else SimpleNamespace()
+    algorithm = SimpleNamespace(unscorable_rewards=unscorable)
     return SimpleNamespace(scorer=scorer, algorithm=algorithm, window=MetricWindow(),
                            accelerator=SimpleNamespace(num_processes=1),
                            config=SimpleNamespace(COMMAND="ppo"))

@@ -124,6 +124,7 @@ class GRPO(Stateless):
     progress_keys = ("reward", "reward_std")
     mini_batches = 1
     unscorable_rewards = True  # NaN scores: out of the group baseline, advantage 0 (TRL)
+    logps_temperature = None  # the sampling temperature, as TRL's GRPO
 
     def __init__(self, config: GRPOConfig, pad_token_id: int, accelerator: Any,
                  reference: Any = None) -> None:

@@ -124,6 +124,12 @@ class OnPolicyAlgorithm(Protocol):
     samples_per_prompt: int  # G responses sampled per prompt
     epochs: int  # update passes over each rollout
     mini_batches: int  # optimizer updates per pass
+    # True: a sample no reward term scored stays NaN (with a warning) for `advantages` to
+    # leave out; False: the run stops on it.
+    unscorable_rewards: bool
+    # The temperature of the rollout's and the reference's log-probs; None: the sampling
+    # temperature (online DPO's loss reads the model's own log-probs, at 1).
+    logps_temperature: float | None
 
     def collate(self, rows: Features) -> RolloutBatch: ...
 
@@ -283,7 +289,7 @@ class OnPolicyTrainer(Trainer):
             i = unscorable[0]
             where = (f"{len(unscorable)} sample(s), the first of prompt "
                      f"{str(prompts[i]['prompt'])[:60]!r} and completion {rollout.texts[i][:60]!r}")
-            if not getattr(self.algorithm, "unscorable_rewards", False):
+            if not self.algorithm.unscorable_rewards:
                 raise PrefalignError(f"every reward function returned None for {where}; "
                                      f"{self.config.COMMAND} needs a reward for every sample: "
                                      "return a number (e.g. 0.0) where no function applies")
@@ -306,7 +312,7 @@ class OnPolicyTrainer(Trainer):
         c, acc = self.config, self.accelerator
         policy = LogpsModel(self.policy)
         # An algorithm whose loss reads the model's own log-probs (online DPO) sets 1.0.
-        temperature = getattr(self.algorithm, "logps_temperature", c.temperature)
+        temperature = self.algorithm.logps_temperature or c.temperature
         for start in range(0, len(rollout.rows), c.batch_size):
             part = rollout.rows[start : start + c.batch_size]
             batch = self.algorithm.collate(part).to(acc.device)

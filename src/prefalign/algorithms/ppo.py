@@ -111,6 +111,8 @@ class PPO:
     value head, KL-shaped rewards, GAE, the clipped update and the approx-KL stop."""
 
     progress_keys = ("objective/scores", "objective/kl")
+    unscorable_rewards = False  # every sample needs a score: GAE has no way to skip one
+    logps_temperature = None  # the sampling temperature
     samples_per_prompt = 1
 
     def __init__(self, config: PPOConfig, pad_token_id: int, accelerator: Any,

@@ -118,6 +118,8 @@ class ReinforcePP(Stateless):
     discounted returns whitened over the global batch, the clipped surrogate."""
 
     progress_keys = ("reward", "kl")
+    unscorable_rewards = False  # every sample needs a score: its returns have no way to skip one
+    logps_temperature = None  # the sampling temperature
 
     def __init__(self, config: ReinforcePPConfig, pad_token_id: int, accelerator: Any,
                  reference: Any = None) -> None:
