@@ -13,6 +13,7 @@ come from the evaluation on held-out prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,8 @@ def train_grpo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: di
     each iteration samples 4 responses to each of 8 prompts, as many as one PPO iteration."""
     from prefalign.algorithms.grpo import GRPOConfig, run_grpo
 
-    result = run_grpo(GRPOConfig(learning_rate=3e-4, batch_size=8, max_steps=s.grpo_steps,
-                                 num_generations=4, beta=beta,
-                                 **_onpolicy(s, sft, pairs, reward, folder)))
-    last = result.history[-1]
-    # no reference at beta 0, so no KL logged
-    return {"model": str(folder / "final"), "beta": beta, "rm_score": last["reward"],
-            "kl": last.get("kl")}
+    return _train_in_groups(run_grpo, GRPOConfig, s.grpo_steps, folder, s, sft, pairs, reward,
+                            beta)
 
 
 def train_rloo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: dict,
@@ -47,9 +43,16 @@ def train_rloo(folder: Path, s: DemoSettings, sft: dict, pairs: dict, reward: di
     takes the completion's KL out of each reward, as PPO's KL coefficient does."""
     from prefalign.algorithms.rloo import RLOOConfig, run_rloo
 
-    result = run_rloo(RLOOConfig(learning_rate=3e-4, batch_size=8, max_steps=s.rloo_steps,
-                                 num_generations=4, beta=beta,
-                                 **_onpolicy(s, sft, pairs, reward, folder)))
+    return _train_in_groups(run_rloo, RLOOConfig, s.rloo_steps, folder, s, sft, pairs, reward,
+                            beta)
+
+
+def _train_in_groups(run: Callable, config_cls: type, steps: int, folder: Path, s: DemoSettings,
+                     sft: dict, pairs: dict, reward: dict, beta: float) -> dict[str, Any]:
+    """GRPO's or RLOO's run: PPO's learning rate, 8 prompts x G = 4 responses per iteration."""
+    result = run(config_cls(learning_rate=3e-4, batch_size=8, max_steps=steps,
+                            num_generations=4, beta=beta,
+                            **_onpolicy(s, sft, pairs, reward, folder)))
     last = result.history[-1]
     # no reference at beta 0, so no KL logged
     return {"model": str(folder / "final"), "beta": beta, "rm_score": last["reward"],
